@@ -1,0 +1,122 @@
+"""The bundle format: a directory that fully describes itself (manifest.json, tokenizer/, onnx/, trt/).
+
+Both halves import this module: export writes a Manifest, the runtime reads one. numpy + stdlib only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from diffrt.errors import BadInput
+from diffrt.specs import ComponentSpec
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer/tokenizer.json"
+Precision = Literal["fp32", "fp16"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    family: Literal["sd1", "sd2"]  # label only: behaviour follows the fields below, not the name
+    prediction_type: Literal["epsilon", "v_prediction", "sample"]
+    latent_channels: int
+    vae_scale_factor: int  # image pixels per latent pixel
+    scaling_factor: float  # latents are divided by this before the VAE decoder
+    default_size: int  # the checkpoint's native image side in pixels
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    max_length: int  # CLIP: 77 including bos and eos
+    bos_id: int
+    eos_id: int
+    pad_id: int  # SD1 pads with eos, SD2 (OpenCLIP) with "!" (id 0)
+
+
+@dataclass(frozen=True)
+class ComponentEntry:
+    spec: ComponentSpec
+    files: dict[str, str]  # precision -> path relative to the bundle
+
+
+@dataclass(frozen=True)
+class UpscalerInfo:
+    architecture: str
+    scale: int
+    tile: int  # input tile side the runtime uses; also the spec's opt size
+    overlap: int  # input pixels shared by neighbouring tiles, blended
+    size_multiple: int  # the network's input must be a multiple of this
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelInfo
+    tokenizer: TokenizerInfo
+    scheduler: dict  # the checkpoint's scheduler config, as diffusers saved it
+    components: dict[str, ComponentEntry]
+    upscaler: UpscalerInfo | None = None
+    source: dict = field(default_factory=dict)  # what it was made from: path, sha256
+    tools: dict = field(default_factory=dict)  # versions of the tools that made it
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        for name, entry in self.components.items():
+            d["components"][name]["spec"] = entry.spec.to_dict()
+        return json.dumps(d, indent=2) + "\n"
+
+    def save(self, bundle: Path) -> None:
+        (Path(bundle) / MANIFEST).write_text(self.to_json())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        return cls(
+            model=ModelInfo(**d["model"]),
+            tokenizer=TokenizerInfo(**d["tokenizer"]),
+            scheduler=d["scheduler"],
+            components={
+                k: ComponentEntry(ComponentSpec.from_dict(v["spec"]), dict(v["files"]))
+                for k, v in d["components"].items()
+            },
+            upscaler=UpscalerInfo(**d["upscaler"]) if d.get("upscaler") else None,
+            source=d.get("source", {}),
+            tools=d.get("tools", {}),
+            schema_version=d["schema_version"],
+        )
+
+
+def load_manifest(bundle: Path | str) -> Manifest:
+    """Read and check a bundle's manifest; every failure is a one-line BadInput."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not bundle.is_dir():
+        raise BadInput(f"bundle {bundle} does not exist; create one with `diffrt export CHECKPOINT -o {bundle}`")
+    if not path.is_file():
+        raise BadInput(f"{bundle} is not a diffrt bundle (no {MANIFEST}); create one with `diffrt export`")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path} is corrupt ({e}); re-export the bundle") from None
+    version = d.get("schema_version") if isinstance(d, dict) else None
+    if not isinstance(version, int):
+        raise BadInput(f"{path} has no schema_version; re-export the bundle")
+    if version > SCHEMA_VERSION:
+        raise BadInput(
+            f"{bundle} uses bundle schema {version}, newer than this diffrt supports ({SCHEMA_VERSION}); "
+            "upgrade diffrt"
+        )
+    try:
+        manifest = Manifest.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadInput(f"{path} is malformed ({type(e).__name__}: {e}); re-export the bundle") from None
+    for name, entry in manifest.components.items():
+        for precision, rel in entry.files.items():
+            if not (bundle / rel).is_file():
+                raise BadInput(f"{bundle}: {name} {precision} graph {rel} is missing; re-export the bundle")
+    if not (bundle / TOKENIZER).is_file():
+        raise BadInput(f"{bundle}: {TOKENIZER} is missing; re-export the bundle")
+    return manifest

@@ -1,0 +1,168 @@
+"""`diffrt export`: checkpoint (+ upscaler) -> validated FP32/FP16 ONNX bundle, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import onnx
+
+from diffrt import __version__
+from diffrt.bundle import TOKENIZER, ComponentEntry, Manifest, ModelInfo, UpscalerInfo
+from diffrt.errors import BadInput, ValidationFailed
+from diffrt.export.checkpoint import Checkpoint, load_checkpoint
+from diffrt.export.fp16 import convert_to_fp16
+from diffrt.export.onnx_export import TextEncoder, UNet, VAEDecoder, export_onnx, save_onnx
+from diffrt.export.tokenizer import export_tokenizer
+from diffrt.export.validate import HEADER, Check, validate_component
+from diffrt.specs import SDShapes, sd_specs, upscaler_spec
+
+log = logging.getLogger("diffrt.export")
+UPSCALER_TILE, UPSCALER_OVERLAP = 128, 16
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = 18  # the dynamo exporter's native opset; TensorRT 10/11 parse it
+    validate: bool = True
+    force: bool = False  # replace an existing bundle
+    prediction_type: str | None = None  # override the checkpoint's scheduler (single files do not say)
+    tokenizer: Path | None = None  # tokenizer folder for single-file checkpoints
+    image_range: tuple[int, int, int] | None = None  # (min, opt, max) image side; default from the checkpoint
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Log a stage's start and its wall time (the CLI shows these on stderr)."""
+    log.info("%s ...", name)
+    start = time.perf_counter()
+    yield
+    log.info("%s done in %.1f s", name, time.perf_counter() - start)
+
+
+def sd_shapes(ckpt: Checkpoint, max_length: int, image_range: tuple[int, int, int] | None) -> SDShapes:
+    te, unet, vae = ckpt.text_encoder.config, ckpt.unet.config, ckpt.vae.config
+    if te.hidden_size != unet.cross_attention_dim:
+        raise BadInput(f"text encoder width {te.hidden_size} does not match the UNet's cross-attention width "
+                       f"{unet.cross_attention_dim}; the checkpoint's components do not belong together")
+    vae_scale = 2 ** (len(vae.block_out_channels) - 1)
+    step = vae_scale * 2 ** (len(unet.block_out_channels) - 1)
+    opt = unet.sample_size * vae_scale
+    lo, opt, hi = image_range or (max(step, opt // 2 // step * step), opt, opt * 2)
+    if not (lo <= opt <= hi) or any(v % step for v in (lo, opt, hi)):
+        raise BadInput(f"image size range {lo}..{opt}..{hi} must be ordered multiples of {step} for this checkpoint")
+    return SDShapes(
+        vocab_size=te.vocab_size, max_length=max_length, text_hidden=te.hidden_size,
+        latent_channels=unet.in_channels, unet_out_channels=unet.out_channels, vae_scale_factor=vae_scale,
+        unet_downsamples=len(unet.block_out_channels) - 1, image_opt=opt, image_min=lo, image_max=hi,
+    )
+
+
+def _tools() -> dict[str, str]:
+    out = {"diffrt": __version__}
+    for dist in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "spandrel"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def _export_component(module, spec, tmp: Path, opts: ExportOptions, fp32_attention: bool) -> tuple[dict, list[Check]]:
+    files = {"fp32": f"onnx/{spec.name}.fp32.onnx", "fp16": f"onnx/{spec.name}.fp16.onnx"}
+    with stage(f"{spec.name}: export fp32 ONNX"):
+        export_onnx(module, spec, tmp / files["fp32"], opts.opset)
+    with stage(f"{spec.name}: convert to fp16"):
+        model = onnx.load(str(tmp / files["fp32"]))
+        onnx.checker.check_model(str(tmp / files["fp32"]))
+        half = convert_to_fp16(model, fp32_attention=fp32_attention)
+        del model
+        save_onnx(half, tmp / files["fp16"])
+        del half
+        onnx.checker.check_model(str(tmp / files["fp16"]))
+    checks: list[Check] = []
+    if opts.validate:
+        with stage(f"{spec.name}: validate against torch"):
+            checks = validate_component(module, spec, {p: tmp / f for p, f in files.items()})
+    gc.collect()
+    return files, checks
+
+
+def export_bundle(source: str, out: Path, upscaler: Path | None = None, opts: ExportOptions = ExportOptions()) -> Manifest:
+    """Export SOURCE (+ upscaler) to the bundle directory OUT; nothing is left at OUT unless it all succeeded."""
+    out = Path(out)
+    if out.exists() and not opts.force:
+        raise BadInput(f"{out} already exists; pass --force to replace it or choose another -o")
+    if upscaler is not None and not Path(upscaler).is_file():
+        raise BadInput(f"upscaler {upscaler} does not exist; pass a .pth or .safetensors ESRGAN-family file")
+    with stage("load checkpoint"):
+        ckpt = load_checkpoint(source, prediction_type=opts.prediction_type, tokenizer=opts.tokenizer)
+    loaded_upscaler = None
+    if upscaler is not None:
+        from diffrt.export.upscaler import load_upscaler
+
+        with stage("load upscaler"):
+            loaded_upscaler = load_upscaler(Path(upscaler))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        manifest = _write(ckpt, loaded_upscaler, tmp, opts)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("bundle written to %s", out)
+    return manifest
+
+
+def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Manifest:
+    with stage("tokenizer"):
+        tokenizer = export_tokenizer(ckpt.tokenizer_dir, (tmp / TOKENIZER).parent)
+    shapes = sd_shapes(ckpt, tokenizer.max_length, opts.image_range)
+    specs = sd_specs(shapes)
+    upcast = bool(getattr(ckpt.unet.config, "upcast_attention", False))
+    modules = {
+        "text_encoder": (TextEncoder(ckpt.text_encoder), False),
+        "unet": (UNet(ckpt.unet), upcast),
+        "vae_decoder": (VAEDecoder(ckpt.vae), False),
+    }
+    upscaler_info = None
+    if upscaler is not None:
+        specs["upscaler"] = upscaler_spec(upscaler.scale, UPSCALER_TILE, upscaler.size_multiple)
+        modules["upscaler"] = (upscaler.module, False)
+        upscaler_info = UpscalerInfo(upscaler.architecture, upscaler.scale, UPSCALER_TILE, UPSCALER_OVERLAP,
+                                     upscaler.size_multiple)
+    components, checks = {}, []
+    for name, (module, fp32_attention) in modules.items():
+        files, component_checks = _export_component(module, specs[name], tmp, opts, fp32_attention)
+        components[name] = ComponentEntry(specs[name], files)
+        checks += component_checks
+    if checks:
+        log.info("validation (ONNX Runtime CPU vs torch FP32):\n%s\n%s", HEADER, "\n".join(c.row() for c in checks))
+        failed = [c for c in checks if not c.passed]
+        if failed:
+            worst = failed[0]
+            raise ValidationFailed(
+                f"{worst.component} {worst.precision} at {worst.shape} disagrees with torch "
+                f"(max abs error {worst.max_abs_error:.3e}, cosine {worst.cosine:.6f}, finite={worst.finite}); "
+                "nothing was written — report this with the checkpoint, or pass --no-validate to keep the graphs"
+            )
+    cfg = ckpt.unet.config
+    model = ModelInfo(
+        family=ckpt.family, prediction_type=ckpt.scheduler_config.get("prediction_type", "epsilon"),
+        latent_channels=cfg.in_channels, vae_scale_factor=shapes.vae_scale_factor,
+        scaling_factor=float(ckpt.vae.config.scaling_factor), default_size=shapes.image_opt,
+    )
+    manifest = Manifest(model, tokenizer, dict(ckpt.scheduler_config), components, upscaler_info,
+                        source=ckpt.source, tools=_tools())
+    manifest.save(tmp)
+    return manifest

@@ -1,0 +1,165 @@
+"""Load a Stable Diffusion checkpoint (diffusers folder, hub id, single-file) into torch modules.
+
+Every failure a user can cause is a one-line BadInput / UnsupportedModel naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffrt.errors import BadInput, UnsupportedModel
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline"}
+NOT_YET = {
+    "StableDiffusionXLPipeline": "SDXL",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL",
+    "StableDiffusion3Pipeline": "SD3",
+    "FluxPipeline": "Flux",
+    "LatentConsistencyModelPipeline": "LCM",
+    "StableDiffusionInpaintPipeline": "inpainting",
+    "StableDiffusionUpscalePipeline": "x4 upscaling",
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Checkpoint:
+    """The torch modules and configs an SD 1.x/2.x export needs."""
+
+    text_encoder: torch.nn.Module  # CLIPTextModel
+    unet: torch.nn.Module  # UNet2DConditionModel
+    vae: torch.nn.Module  # AutoencoderKL
+    tokenizer_dir: Path  # folder with vocab.json + merges.txt (+ tokenizer_config.json)
+    scheduler_config: dict
+    source: dict  # kind, path or id, sha256 of the weights
+
+    @property
+    def family(self) -> str:
+        """'sd2' for OpenCLIP-conditioned UNets (linear projections or 1024-wide text), else 'sd1'."""
+        cfg = self.unet.config
+        return "sd2" if cfg.use_linear_projection or cfg.cross_attention_dim == 1024 else "sd1"
+
+
+def load_checkpoint(source: str, *, prediction_type: str | None = None, tokenizer: Path | None = None) -> Checkpoint:
+    """Dispatch on the kind of SOURCE: a diffusers folder, a single .safetensors file, or a hub id."""
+    path = Path(source)
+    if path.is_dir():
+        ckpt = load_diffusers_folder(path)
+    elif path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise BadInput(
+                f"{path}: single-file checkpoints must be .safetensors (pickled .ckpt files are not loaded); "
+                "convert it to .safetensors first"
+            )
+        from diffrt.export.single_file import load_single_file
+
+        ckpt = load_single_file(path, prediction_type=prediction_type, tokenizer=tokenizer)
+    elif HUB_ID.match(source) and not source.startswith((".", "/")):
+        ckpt = load_diffusers_folder(_download(source))
+        ckpt.source = {"kind": "hub", "id": source, **ckpt.source}
+    else:
+        raise BadInput(f"{source} does not exist; pass a diffusers folder, a .safetensors file or a hub id")
+    if prediction_type:
+        ckpt.scheduler_config = {**ckpt.scheduler_config, "prediction_type": prediction_type}
+    return ckpt
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch the files an SD export needs from the hub; offline, say how to get them instead."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    hint = f"download it where the hub is reachable (`hf download {repo_id}`) and pass the local folder"
+    if offline:
+        raise BadInput(f"{repo_id} looks like a hub id but HF_HUB_OFFLINE is set; {hint}")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # network, auth, missing repo: all mean "could not fetch"
+        raise BadInput(f"could not fetch {repo_id} from the hub ({type(e).__name__}); {hint}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path} is malformed ({e}); repair or re-download the checkpoint") from None
+    if not isinstance(d, dict):
+        raise BadInput(f"{path} is malformed (not a JSON object); repair or re-download the checkpoint")
+    return d
+
+
+def load_diffusers_folder(folder: Path) -> Checkpoint:
+    """Load text encoder, UNet, VAE and scheduler config from a diffusers pipeline folder."""
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise BadInput(
+            f"{folder} is not a diffusers checkpoint (no model_index.json); pass a diffusers pipeline folder "
+            "or a single-file .safetensors"
+        )
+    index = _read_json(index_path)
+    pipeline = index.get("_class_name")
+    if pipeline in NOT_YET:
+        raise UnsupportedModel(f"{folder} is a {NOT_YET[pipeline]} checkpoint ({pipeline}), not supported yet; "
+                               "diffrt exports SD 1.x and 2.x")
+    if pipeline not in SUPPORTED_PIPELINES:
+        raise UnsupportedModel(f"{folder}: pipeline class {pipeline!r} is not supported; diffrt exports "
+                               "StableDiffusionPipeline checkpoints (SD 1.x and 2.x)")
+    for part in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
+        if not (folder / part).is_dir():
+            raise BadInput(f"{folder} has no {part}/ folder; the checkpoint is incomplete, re-download it")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet_config = _read_json(folder / "unet" / "config.json")
+    check_unet_config(unet_config, folder)
+    text_encoder = _load(CLIPTextModel, folder / "text_encoder")
+    unet = _load(UNet2DConditionModel, folder / "unet")
+    vae = _load(AutoencoderKL, folder / "vae")
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    weights = sorted(folder.glob("*/*.safetensors")) + sorted(folder.glob("*/*.bin"))
+    return Checkpoint(text_encoder, unet, vae, folder / "tokenizer", scheduler,
+                      {"kind": "diffusers", "path": str(folder), "sha256": hash_files(weights)})
+
+
+def check_unet_config(cfg: dict, where: Path | str) -> None:
+    """Refuse UNets of families the export does not handle yet, with the reason."""
+    if cfg.get("addition_embed_type") == "text_time":
+        raise UnsupportedModel(f"{where}: SDXL-style UNet (added text/time conditions), not supported yet; "
+                               "diffrt exports SD 1.x and 2.x")
+    if cfg.get("time_cond_proj_dim"):
+        raise UnsupportedModel(f"{where}: LCM UNet (guidance embedding), not supported yet")
+    if cfg.get("in_channels", 4) != 4:
+        raise UnsupportedModel(f"{where}: UNet with {cfg.get('in_channels')} input channels "
+                               "(inpainting/depth), not supported yet; use a text-to-image checkpoint")
+
+
+def _load(cls: type, folder: Path) -> torch.nn.Module:
+    """from_pretrained in FP32 on CPU, turning library errors into one line with a fix."""
+    try:
+        model = cls.from_pretrained(folder, torch_dtype=torch.float32)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise BadInput(f"could not load {folder.name} from {folder} ({first}); the weights are corrupt or "
+                       "incomplete, re-download them") from None
+    return model.eval().requires_grad_(False)
+
+
+def hash_files(paths: list[Path], chunk: int = 1 << 24) -> str:
+    """sha256 over the files' bytes, in order; identifies the weights a bundle came from."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,105 @@
+"""torch module + component spec -> FP32 ONNX graph with the spec's names and dynamic axes."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from diffrt.specs import ComponentSpec
+
+log = logging.getLogger(__name__)
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold more than 2 GB: store weights beside the graph above this
+
+
+class TextEncoder(torch.nn.Module):
+    """input_ids (B, 77) int32 -> last hidden state (B, 77, D), as the SD pipelines condition on it."""
+
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids.long(), return_dict=False)[0]
+
+
+class UNet(torch.nn.Module):
+    """(sample (B, C, h, w), timestep (B,), encoder_hidden_states (B, 77, D)) -> model output (B, C, h, w)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VAEDecoder(torch.nn.Module):
+    """Scaled-back latent (B, 4, h, w) -> image (B, 3, 8h, 8w) in about [-1, 1]."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+def export_example_dims(spec: ComponentSpec) -> dict[str, int]:
+    """Trace at the opt shape but with batch 2: torch.export specialises dims it sees at size 1."""
+    dims = spec.opt_dims()
+    if "batch" in dims:
+        dims["batch"] = max(2, dims["batch"])
+    return dims
+
+
+def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: Path, opset: int) -> None:
+    """Export with torch's dynamo exporter to `path`; symbolic axes get the spec's dim names."""
+    dims = export_example_dims(spec)
+    args = tuple(torch.from_numpy(a) for a in spec.sample_inputs(dims).values())
+    dynamic = tuple({i: torch.export.Dim.DYNAMIC for i in axes} for axes in
+                    (spec.dynamic_axes()[t.name] for t in spec.inputs))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer chatter about python control flow on shapes
+        program = torch.onnx.export(
+            module.eval(), args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            optimize=True, verbose=False,
+        )
+    model = program.model_proto
+    name_dims(model, spec)
+    save_onnx(model, path)
+
+
+def name_dims(model: onnx.ModelProto, spec: ComponentSpec) -> None:
+    """Give graph inputs/outputs the spec's symbolic dim names (the exporter invents its own)."""
+    tensors = {t.name: t for t in spec.inputs + spec.outputs}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        t = tensors.get(vi.name)
+        if t is None:
+            continue
+        for d, want in zip(vi.type.tensor_type.shape.dim, t.shape):
+            if isinstance(want, str):
+                d.ClearField("dim_value")
+                d.dim_param = want
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """Save one graph; weights go to `<name>.data` beside it when the graph would pass protobuf's 2 GB.
+    Saving with external data empties the in-memory weights: reload from `path` to use the graph again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    big = model.ByteSize() > EXTERNAL_DATA_BYTES if _small_enough_to_measure(model) else True
+    if big:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _small_enough_to_measure(model: onnx.ModelProto) -> bool:
+    """ByteSize() itself fails past 2 GB; count raw initializer bytes first."""
+    raw = sum(len(t.raw_data) for t in model.graph.initializer)
+    return raw < EXTERNAL_DATA_BYTES

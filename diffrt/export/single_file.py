@@ -1,0 +1,211 @@
+"""Single-file SD 1.x/2.x checkpoints (original CompVis / A1111 key layout) converted offline.
+
+The component configs are read from the weights where the weights show them (channels, blocks, layers,
+widths) and follow SD's conventions where they do not (32 GroupNorm groups, 8 UNet heads for SD1 and
+64-wide heads for SD2, 64-wide text encoder heads). diffusers' own key converters do the renaming.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from diffrt.errors import BadInput, UnsupportedModel
+from diffrt.export.checkpoint import Checkpoint, check_unet_config, hash_files
+
+log = logging.getLogger(__name__)
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP_SD1 = "cond_stage_model.transformer.text_model."
+CLIP_SD2 = "cond_stage_model.model."
+SCHEDULER = {  # SD's training schedule; only prediction_type differs between the releases
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise BadInput(f"{path} is not a readable .safetensors file ({str(e)[:120]}); the file is corrupt or "
+                       "truncated, re-download it") from None
+
+
+def detect_family(sd: dict[str, torch.Tensor], path: Path) -> str:
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        raise UnsupportedModel(f"{path} is an SDXL checkpoint, not supported yet; diffrt exports SD 1.x and 2.x")
+    if UNET + "input_blocks.0.0.weight" not in sd or VAE + "decoder.conv_in.weight" not in sd:
+        raise BadInput(f"{path} is not a Stable Diffusion checkpoint (no UNet/VAE keys in the original layout); "
+                       "pass an SD 1.x/2.x single file or a diffusers folder")
+    if any(k.startswith(CLIP_SD2 + "transformer.resblocks.") for k in sd):
+        return "sd2"
+    if any(k.startswith(CLIP_SD1) for k in sd):
+        return "sd1"
+    raise BadInput(f"{path} has no text encoder weights; pass a full SD checkpoint, not a UNet-only file")
+
+
+def _count(sd: dict, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := rx.match(k))})
+
+
+def unet_config(sd: dict[str, torch.Tensor], family: str) -> dict:
+    """UNet2DConditionModel config from the LDM weights: levels, channels, attention per level."""
+    levels: list[list[int]] = [[]]  # input_blocks indices per level
+    n = 1
+    while f"{UNET}input_blocks.{n}.0.op.weight" in sd or f"{UNET}input_blocks.{n}.0.in_layers.0.weight" in sd:
+        if f"{UNET}input_blocks.{n}.0.op.weight" in sd:
+            levels.append([])
+        else:
+            levels[-1].append(n)
+        n += 1
+    channels = [int(sd[f"{UNET}input_blocks.{lv[0]}.0.out_layers.3.weight"].shape[0]) for lv in levels]
+    attn = [f"{UNET}input_blocks.{lv[0]}.1.proj_in.weight" in sd for lv in levels]
+    first_attn = next(lv[0] for lv, a in zip(levels, attn) if a)
+    proj_in = sd[f"{UNET}input_blocks.{first_attn}.1.proj_in.weight"]
+    cross = int(sd[f"{UNET}input_blocks.{first_attn}.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+    depth = _count(sd, rf"{re.escape(UNET)}input_blocks\.{first_attn}\.1\.transformer_blocks\.(\d+)\.")
+    heads = 8 if family == "sd1" else [max(c // 64, 1) for c in channels]
+    cfg = {
+        "sample_size": 64 if family == "sd1" else 96,
+        "in_channels": int(sd[UNET + "input_blocks.0.0.weight"].shape[1]),
+        "out_channels": int(sd[UNET + "out.2.weight"].shape[0]),
+        "block_out_channels": channels,
+        "layers_per_block": len(levels[0]),
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "cross_attention_dim": cross,
+        "attention_head_dim": heads,
+        "transformer_layers_per_block": depth,
+        "use_linear_projection": proj_in.ndim == 2,
+        "upcast_attention": family == "sd2",
+        "norm_num_groups": 32,
+    }
+    check_unet_config(cfg, "single-file checkpoint")
+    return cfg
+
+
+def vae_config(sd: dict[str, torch.Tensor]) -> dict:
+    levels = _count(sd, rf"{re.escape(VAE)}encoder\.down\.(\d+)\.")
+    channels = [int(sd[f"{VAE}encoder.down.{i}.block.0.conv2.weight"].shape[0]) for i in range(levels)]
+    return {
+        "in_channels": int(sd[VAE + "encoder.conv_in.weight"].shape[1]),
+        "out_channels": int(sd[VAE + "decoder.conv_out.weight"].shape[0]),
+        "block_out_channels": channels,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "layers_per_block": _count(sd, rf"{re.escape(VAE)}encoder\.down\.0\.block\.(\d+)\."),
+        "latent_channels": int(sd[VAE + "post_quant_conv.weight"].shape[0]),
+        "norm_num_groups": 32,
+        "scaling_factor": 0.18215,
+    }
+
+
+def text_config(sd: dict[str, torch.Tensor], family: str) -> dict:
+    if family == "sd1":
+        emb = sd[CLIP_SD1 + "embeddings.token_embedding.weight"]
+        layers = _count(sd, rf"{re.escape(CLIP_SD1)}encoder\.layers\.(\d+)\.")
+        ffn = int(sd[CLIP_SD1 + "encoder.layers.0.mlp.fc1.weight"].shape[0])
+        positions = int(sd[CLIP_SD1 + "embeddings.position_embedding.weight"].shape[0])
+        act = "quick_gelu"
+    else:
+        emb = sd[CLIP_SD2 + "token_embedding.weight"]
+        # SD 2.x conditions on the penultimate layer: diffusers' text encoder drops OpenCLIP's last block.
+        layers = _count(sd, rf"{re.escape(CLIP_SD2)}transformer\.resblocks\.(\d+)\.") - 1
+        ffn = int(sd[CLIP_SD2 + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
+        positions = int(sd[CLIP_SD2 + "positional_embedding"].shape[0])
+        act = "gelu"
+    vocab, width = (int(x) for x in emb.shape)
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(width // 64, 1),
+        "max_position_embeddings": positions,
+        "hidden_act": act,
+        "projection_dim": width,
+        "bos_token_id": vocab - 2,
+        "eos_token_id": vocab - 1,
+        "pad_token_id": 0 if family == "sd2" else vocab - 1,
+    }
+
+
+def load_single_file(path: Path, prediction_type: str | None = None, tokenizer: Path | None = None) -> Checkpoint:
+    """Convert an original-layout SD 1.x/2.x .safetensors into diffusers modules, offline."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sd = _read(path)
+    family = detect_family(sd, path)
+    try:
+        u_cfg, v_cfg, t_cfg = unet_config(sd, family), vae_config(sd), text_config(sd, family)
+    except (KeyError, StopIteration, IndexError) as e:
+        raise BadInput(f"{path}: unexpected layout, missing {e}; the file is incomplete or not SD 1.x/2.x") from None
+    default_pred = "epsilon" if family == "sd1" else "v_prediction"
+    pred = prediction_type or default_pred
+    if not prediction_type:
+        log.info("single file: %s checkpoint, assuming prediction_type=%s (override with --prediction-type)",
+                 family, pred)
+    try:
+        unet = UNet2DConditionModel.from_config(u_cfg)
+        unet.load_state_dict(convert_ldm_unet_checkpoint(sd, unet.config), strict=True)
+        vae = AutoencoderKL.from_config(v_cfg)
+        vae.load_state_dict(convert_ldm_vae_checkpoint(sd, vae.config), strict=True)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**t_cfg))
+        text_sd = convert_ldm_clip_checkpoint(sd) if family == "sd1" else convert_open_clip_checkpoint(text_encoder, sd)
+        text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
+        missing, unexpected = text_encoder.text_model.load_state_dict(text_sd, strict=False)
+        if [k for k in missing if "position_ids" not in k] or unexpected:
+            raise RuntimeError(f"text encoder keys: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    except RuntimeError as e:
+        raise BadInput(f"{path}: weights do not fit the inferred {family} architecture "
+                       f"({str(e).splitlines()[0][:160]}); pass a standard SD 1.x/2.x checkpoint") from None
+    tok_dir = tokenizer or _default_tokenizer(family, t_cfg["vocab_size"], path)
+    scheduler = {**SCHEDULER, "prediction_type": pred}
+    return Checkpoint(
+        text_encoder.eval().requires_grad_(False),
+        unet.eval().requires_grad_(False),
+        vae.eval().requires_grad_(False),
+        tok_dir,
+        scheduler,
+        {"kind": "single_file", "path": str(path), "sha256": hash_files([path])},
+    )
+
+
+def _default_tokenizer(family: str, vocab_size: int, path: Path) -> Path:
+    """CLIP's BPE tokenizer, built from the vocabulary the open-clip-torch package ships."""
+    from diffrt.export.tokenizer import clip_bpe_files
+
+    if vocab_size != 49408:
+        raise BadInput(f"{path}: text encoder vocabulary of {vocab_size} is not CLIP's (49408); pass the matching "
+                       "tokenizer folder with --tokenizer")
+    folder = Path(tempfile.mkdtemp(prefix="diffrt-tokenizer-"))
+    clip_bpe_files(folder, pad="!" if family == "sd2" else "<|endoftext|>")
+    (folder / "source.json").write_text(json.dumps({"from": "open_clip bpe_simple_vocab_16e6"}))
+    return folder

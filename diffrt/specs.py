@@ -1,0 +1,186 @@
+"""Component specs: one description per network, read by export, validation, TensorRT profiles and the runtime.
+
+A spec names each tensor, its dtype and its shape in terms of symbolic dims ("batch", "latent_height", ...);
+each symbolic dim has a (min, opt, max) range. Nothing else in diffrt repeats these shapes.
+This module imports only numpy, so the runtime can read it without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from diffrt.errors import BadInput
+
+Dim = int | str  # a fixed size, or the name of a symbolic dim
+Sample = Literal["normal", "uniform", "timestep", "tokens"]
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "upscaler")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name as fed to / returned by the graph at its boundary
+    shape: tuple[Dim, ...]
+    sample: Sample = "normal"  # how sample inputs for validation and warm-up are drawn
+    high: int = 0  # exclusive upper bound for "tokens" (the vocabulary size)
+
+
+@dataclass(frozen=True)
+class DimRange:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"bad dim range {self}")
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: tuple[tuple[str, DimRange], ...]  # symbolic dim -> allowed range
+    multiples: tuple[tuple[str, int], ...] = ()  # symbolic dim -> value must be a multiple of this
+    derived: tuple[tuple[str, str, int], ...] = ()  # output-only dim = factor * input dim
+
+    def all_dims(self, values: dict[str, int]) -> dict[str, int]:
+        """Input dims plus the output-only dims that follow from them."""
+        return {**values, **{d: values[src] * k for d, src, k in self.derived}}
+
+    @property
+    def dim_ranges(self) -> dict[str, DimRange]:
+        return dict(self.dims)
+
+    def opt_dims(self) -> dict[str, int]:
+        return {k: r.opt for k, r in self.dims}
+
+    def shape(self, tensor: TensorSpec, values: dict[str, int]) -> tuple[int, ...]:
+        values = self.all_dims(values) if self.derived else values
+        return tuple(d if isinstance(d, int) else values[d] for d in tensor.shape)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Axes that are symbolic, per tensor name (inputs and outputs)."""
+        return {
+            t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.inputs + self.outputs
+        }
+
+    def check(self, values: dict[str, int]) -> None:
+        """Raise BadInput when a symbolic dim is outside its range or not a multiple it must be."""
+        ranges, multiples = self.dim_ranges, dict(self.multiples)
+        for dim, value in values.items():
+            r = ranges[dim]
+            if not r.min <= value <= r.max:
+                raise BadInput(
+                    f"{self.name}: {dim}={value} is outside the bundle's range [{r.min}, {r.max}]; "
+                    f"use a value in that range or re-export with a wider range"
+                )
+            m = multiples.get(dim, 1)
+            if value % m:
+                raise BadInput(f"{self.name}: {dim}={value} must be a multiple of {m}")
+
+    def sample_inputs(self, values: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs of the given symbolic dims, for validation and warm-up."""
+        rng = np.random.default_rng(seed)
+        out: dict[str, np.ndarray] = {}
+        for t in self.inputs:
+            shape = self.shape(t, values)
+            if t.sample == "tokens":
+                arr = rng.integers(0, t.high, size=shape)
+            elif t.sample == "timestep":
+                arr = rng.uniform(0, 999, size=shape)
+            elif t.sample == "uniform":
+                arr = rng.uniform(0, 1, size=shape)
+            else:
+                arr = rng.standard_normal(size=shape)
+            out[t.name] = arr.astype(t.dtype)
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ComponentSpec:
+        def tensors(items: list[dict]) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in items)
+
+        return cls(
+            name=d["name"],
+            inputs=tensors(d["inputs"]),
+            outputs=tensors(d["outputs"]),
+            dims=tuple((k, DimRange(**r)) for k, r in d["dims"]),
+            multiples=tuple((k, int(m)) for k, m in d.get("multiples", ())),
+            derived=tuple((a, b, int(k)) for a, b, k in d.get("derived", ())),
+        )
+
+
+@dataclass(frozen=True)
+class SDShapes:
+    """What the specs of an SD 1.x/2.x checkpoint depend on, read from its component configs."""
+
+    vocab_size: int
+    max_length: int  # text tokens, 77 for CLIP
+    text_hidden: int  # text encoder width = UNet cross-attention dim
+    latent_channels: int
+    unet_out_channels: int
+    vae_scale_factor: int  # pixels per latent pixel, 8 for SD
+    unet_downsamples: int  # latent size must be a multiple of 2**this
+    image_opt: int  # the checkpoint's native image size (pixels)
+    image_min: int
+    image_max: int
+    max_images: int = 4  # images per call; the UNet sees twice this with classifier-free guidance
+
+
+def sd_specs(s: SDShapes) -> dict[str, ComponentSpec]:
+    """Specs for text encoder, UNet and VAE decoder. Latent dims derive from the image range."""
+    f = s.vae_scale_factor
+    mult = 2**s.unet_downsamples
+    lat = DimRange(s.image_min // f, s.image_opt // f, s.image_max // f)
+    text_batch = DimRange(1, 2, 2 * s.max_images)
+    unet_batch = DimRange(1, 2, 2 * s.max_images)
+    latent = ("batch", s.latent_channels, "latent_height", "latent_width")
+    text_encoder = ComponentSpec(
+        name="text_encoder",
+        inputs=(TensorSpec("input_ids", "int32", ("batch", s.max_length), "tokens", s.vocab_size),),
+        outputs=(TensorSpec("text_embeddings", "float32", ("batch", s.max_length, s.text_hidden)),),
+        dims=(("batch", text_batch),),
+    )
+    unet = ComponentSpec(
+        name="unet",
+        inputs=(
+            TensorSpec("sample", "float32", latent),
+            TensorSpec("timestep", "float32", ("batch",), "timestep"),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", s.max_length, s.text_hidden)),
+        ),
+        outputs=(TensorSpec("noise_pred", "float32", ("batch", s.unet_out_channels, "latent_height", "latent_width")),),
+        dims=(("batch", unet_batch), ("latent_height", lat), ("latent_width", lat)),
+        multiples=(("latent_height", mult), ("latent_width", mult)),
+    )
+    vae_decoder = ComponentSpec(
+        name="vae_decoder",
+        inputs=(TensorSpec("latent", "float32", latent),),
+        outputs=(TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
+        dims=(("batch", DimRange(1, 1, s.max_images)), ("latent_height", lat), ("latent_width", lat)),
+        multiples=(("latent_height", mult), ("latent_width", mult)),
+        derived=(("height", "latent_height", f), ("width", "latent_width", f)),
+    )
+    return {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae_decoder}
+
+
+def upscaler_spec(scale: int, tile: int, size_multiple: int = 1) -> ComponentSpec:
+    """Spec of an image-to-image upscaler: (B, 3, H, W) in [0, 1] -> (B, 3, sH, sW), run on tiles."""
+    m = max(size_multiple, 1)
+    lo = max(m, 16 // m * m)
+    side = DimRange(lo, tile, 4 * tile)
+    return ComponentSpec(
+        name="upscaler",
+        inputs=(TensorSpec("image", "float32", ("batch", 3, "height", "width"), "uniform"),),
+        outputs=(TensorSpec("upscaled", "float32", ("batch", 3, "out_height", "out_width")),),
+        dims=(("batch", DimRange(1, 1, 4)), ("height", side), ("width", side)),
+        multiples=(("height", m), ("width", m)),
+        derived=(("out_height", "height", scale), ("out_width", "width", scale)),
+    )

@@ -1,0 +1,172 @@
+"""Tiny seeded Stable Diffusion checkpoints (SD1-style and SD2-style) saved as diffusers folders.
+
+They use the same classes as real checkpoints (CLIPTextModel, UNet2DConditionModel, AutoencoderKL) at a
+size that exports and runs in seconds on a CPU. Every builder is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Flavour = Literal["sd1", "sd2"]
+
+# A small BPE vocabulary in CLIP's format: byte-level base symbols, their word-final forms, a few merges.
+_WORDS = ["a", "red", "blue", "green", "cute", "narwhal", "circle", "square", "photo", "of", "the", "cat"]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP reversible byte → printable-unicode table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def write_clip_tokenizer(folder: Path, pad: str) -> None:
+    """Write vocab.json + merges.txt + configs for a tiny CLIPTokenizer (pad '<|endoftext|>' or '!')."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = list(_bytes_to_unicode().values())
+    vocab_list = base + [c + "</w>" for c in base]
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:  # merge each word left to right into one word-final token
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            if pair not in merges:
+                merges.append(pair)
+                vocab_list.append(pair[0] + pair[1])
+            symbols = [pair[0] + pair[1]] + symbols[2:]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": pad,
+                "do_lower_case": True,
+            }
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad})
+    )
+
+
+def _scheduler_config(flavour: Flavour) -> dict:
+    common = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "clip_sample": False,
+        "trained_betas": None,
+    }
+    if flavour == "sd1":
+        return {"_class_name": "PNDMScheduler", "skip_prk_steps": True, "prediction_type": "epsilon", **common}
+    return {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction", **common}
+
+
+def build_sd(folder: Path, flavour: Flavour = "sd1", seed: int = 0, *, sample_size: int = 8) -> Path:
+    """Save a tiny SD1-style (epsilon, conv projections) or SD2-style (v-prediction, linear projections)
+    checkpoint as a diffusers folder. Latent sample_size 8 means 64x64 images.
+
+    What the weights do not show follows real SD's conventions, so single-file conversion can infer it:
+    GroupNorm with 32 groups, text encoder heads of width 64, SD1 UNets with 8 heads per attention,
+    SD2 UNets with heads of width 64."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    sd2 = flavour == "sd2"
+    pad = "!" if sd2 else "<|endoftext|>"
+    write_clip_tokenizer(folder / "tokenizer", pad)
+    vocab_size = len(json.loads((folder / "tokenizer" / "vocab.json").read_text()))
+
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=1,
+        max_position_embeddings=77,
+        projection_dim=64,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=(vocab_size - 1) if not sd2 else 0,
+    )
+    text_encoder = CLIPTextModel(text_config).eval()
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128) if sd2 else (32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(1, 2) if sd2 else 8,
+        use_linear_projection=sd2,
+        norm_num_groups=32,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=sample_size * 8,
+    ).eval()
+    # Random init leaves near-identity norms; perturb so that every parameter matters to the outputs.
+    with torch.no_grad():
+        for module in (text_encoder, unet, vae):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+
+    text_encoder.save_pretrained(folder / "text_encoder")
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(flavour), indent=2))
+    pipeline = "StableDiffusionPipeline"
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": pipeline,
+                "_diffusers_version": "0.42.1",
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "scheduler": ["diffusers", _scheduler_config(flavour)["_class_name"]],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            },
+            indent=2,
+        )
+    )
+    return folder
