@@ -106,8 +106,7 @@ def load_manifest(bundle: Path | str) -> Manifest:
         raise BadInput(f"{path} has no schema_version; re-export the bundle")
     if version > SCHEMA_VERSION:
         raise BadInput(
-            f"{bundle} uses bundle schema {version}, newer than this diffrt supports ({SCHEMA_VERSION}); "
-            "upgrade diffrt"
+            f"{bundle} uses bundle schema {version}, newer than this diffrt supports ({SCHEMA_VERSION}); upgrade diffrt"
         )
     try:
         manifest = Manifest.from_dict(d)

@@ -24,8 +24,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from diffrt.export.bundle_writer import ExportOptions, export_bundle
 
     opts = ExportOptions(
-        opset=args.opset, validate=not args.no_validate, force=args.force, prediction_type=args.prediction_type,
-        tokenizer=args.tokenizer, image_range=args.image_range,
+        opset=args.opset,
+        validate=not args.no_validate,
+        force=args.force,
+        prediction_type=args.prediction_type,
+        tokenizer=args.tokenizer,
+        image_range=args.image_range,
     )
     export_bundle(args.source, args.output, upscaler=args.upscaler, opts=opts)
     return 0
@@ -40,20 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("export", help="checkpoint (+ upscaler) -> validated FP32/FP16 ONNX bundle",
-                       description="Export a Stable Diffusion 1.x/2.x checkpoint (diffusers folder, hub id or "
-                       "single-file .safetensors) and optionally an ESRGAN-family upscaler to an ONNX bundle.")
+    p = sub.add_parser(
+        "export",
+        help="checkpoint (+ upscaler) -> validated FP32/FP16 ONNX bundle",
+        description="Export a Stable Diffusion 1.x/2.x checkpoint (diffusers folder, hub id or "
+        "single-file .safetensors) and optionally an ESRGAN-family upscaler to an ONNX bundle.",
+    )
     p.add_argument("source", help="diffusers folder, hub id (online only) or single-file .safetensors")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to create")
     p.add_argument("--upscaler", type=Path, help="ESRGAN / Real-ESRGAN(-Compact) weights: .pth or .safetensors")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch comparison")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
-                   help="override the scheduler's prediction type (single files: sd1 epsilon, sd2 v_prediction)")
+    p.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        help="override the scheduler's prediction type (single files: sd1 epsilon, sd2 v_prediction)",
+    )
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder (vocab.json, merges.txt) for single files")
-    p.add_argument("--image-range", type=_image_range, metavar="MIN,OPT,MAX",
-                   help="image sides the bundle accepts (default: half to twice the native size)")
+    p.add_argument(
+        "--image-range",
+        type=_image_range,
+        metavar="MIN,OPT,MAX",
+        help="image sides the bundle accepts (default: half to twice the native size)",
+    )
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -65,9 +65,7 @@ class ComponentSpec:
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """Axes that are symbolic, per tensor name (inputs and outputs)."""
-        return {
-            t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.inputs + self.outputs
-        }
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.inputs + self.outputs}
 
     def check(self, values: dict[str, int]) -> None:
         """Raise BadInput when a symbolic dim is outside its range or not a multiple it must be."""

@@ -51,8 +51,10 @@ def stage(name: str) -> Iterator[None]:
 def sd_shapes(ckpt: Checkpoint, max_length: int, image_range: tuple[int, int, int] | None) -> SDShapes:
     te, unet, vae = ckpt.text_encoder.config, ckpt.unet.config, ckpt.vae.config
     if te.hidden_size != unet.cross_attention_dim:
-        raise BadInput(f"text encoder width {te.hidden_size} does not match the UNet's cross-attention width "
-                       f"{unet.cross_attention_dim}; the checkpoint's components do not belong together")
+        raise BadInput(
+            f"text encoder width {te.hidden_size} does not match the UNet's cross-attention width "
+            f"{unet.cross_attention_dim}; the checkpoint's components do not belong together"
+        )
     vae_scale = 2 ** (len(vae.block_out_channels) - 1)
     step = vae_scale * 2 ** (len(unet.block_out_channels) - 1)
     opt = unet.sample_size * vae_scale
@@ -60,9 +62,16 @@ def sd_shapes(ckpt: Checkpoint, max_length: int, image_range: tuple[int, int, in
     if not (lo <= opt <= hi) or any(v % step for v in (lo, opt, hi)):
         raise BadInput(f"image size range {lo}..{opt}..{hi} must be ordered multiples of {step} for this checkpoint")
     return SDShapes(
-        vocab_size=te.vocab_size, max_length=max_length, text_hidden=te.hidden_size,
-        latent_channels=unet.in_channels, unet_out_channels=unet.out_channels, vae_scale_factor=vae_scale,
-        unet_downsamples=len(unet.block_out_channels) - 1, image_opt=opt, image_min=lo, image_max=hi,
+        vocab_size=te.vocab_size,
+        max_length=max_length,
+        text_hidden=te.hidden_size,
+        latent_channels=unet.in_channels,
+        unet_out_channels=unet.out_channels,
+        vae_scale_factor=vae_scale,
+        unet_downsamples=len(unet.block_out_channels) - 1,
+        image_opt=opt,
+        image_min=lo,
+        image_max=hi,
     )
 
 
@@ -94,7 +103,9 @@ def _export_component(module, spec, tmp: Path, opts: ExportOptions, fp32_attenti
     return files, checks
 
 
-def export_bundle(source: str, out: Path, upscaler: Path | None = None, opts: ExportOptions = ExportOptions()) -> Manifest:
+def export_bundle(
+    source: str, out: Path, upscaler: Path | None = None, opts: ExportOptions = ExportOptions()
+) -> Manifest:
     """Export SOURCE (+ upscaler) to the bundle directory OUT; nothing is left at OUT unless it all succeeded."""
     out = Path(out)
     if out.exists() and not opts.force:
@@ -139,8 +150,9 @@ def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Manife
     if upscaler is not None:
         specs["upscaler"] = upscaler_spec(upscaler.scale, UPSCALER_TILE, upscaler.size_multiple)
         modules["upscaler"] = (upscaler.module, False)
-        upscaler_info = UpscalerInfo(upscaler.architecture, upscaler.scale, UPSCALER_TILE, UPSCALER_OVERLAP,
-                                     upscaler.size_multiple)
+        upscaler_info = UpscalerInfo(
+            upscaler.architecture, upscaler.scale, UPSCALER_TILE, UPSCALER_OVERLAP, upscaler.size_multiple
+        )
     components, checks = {}, []
     for name, (module, fp32_attention) in modules.items():
         files, component_checks = _export_component(module, specs[name], tmp, opts, fp32_attention)
@@ -158,11 +170,15 @@ def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Manife
             )
     cfg = ckpt.unet.config
     model = ModelInfo(
-        family=ckpt.family, prediction_type=ckpt.scheduler_config.get("prediction_type", "epsilon"),
-        latent_channels=cfg.in_channels, vae_scale_factor=shapes.vae_scale_factor,
-        scaling_factor=float(ckpt.vae.config.scaling_factor), default_size=shapes.image_opt,
+        family=ckpt.family,
+        prediction_type=ckpt.scheduler_config.get("prediction_type", "epsilon"),
+        latent_channels=cfg.in_channels,
+        vae_scale_factor=shapes.vae_scale_factor,
+        scaling_factor=float(ckpt.vae.config.scaling_factor),
+        default_size=shapes.image_opt,
     )
-    manifest = Manifest(model, tokenizer, dict(ckpt.scheduler_config), components, upscaler_info,
-                        source=ckpt.source, tools=_tools())
+    manifest = Manifest(
+        model, tokenizer, dict(ckpt.scheduler_config), components, upscaler_info, source=ckpt.source, tools=_tools()
+    )
     manifest.save(tmp)
     return manifest

@@ -110,11 +110,15 @@ def load_diffusers_folder(folder: Path) -> Checkpoint:
     index = _read_json(index_path)
     pipeline = index.get("_class_name")
     if pipeline in NOT_YET:
-        raise UnsupportedModel(f"{folder} is a {NOT_YET[pipeline]} checkpoint ({pipeline}), not supported yet; "
-                               "diffrt exports SD 1.x and 2.x")
+        raise UnsupportedModel(
+            f"{folder} is a {NOT_YET[pipeline]} checkpoint ({pipeline}), not supported yet; "
+            "diffrt exports SD 1.x and 2.x"
+        )
     if pipeline not in SUPPORTED_PIPELINES:
-        raise UnsupportedModel(f"{folder}: pipeline class {pipeline!r} is not supported; diffrt exports "
-                               "StableDiffusionPipeline checkpoints (SD 1.x and 2.x)")
+        raise UnsupportedModel(
+            f"{folder}: pipeline class {pipeline!r} is not supported; diffrt exports "
+            "StableDiffusionPipeline checkpoints (SD 1.x and 2.x)"
+        )
     for part in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
         if not (folder / part).is_dir():
             raise BadInput(f"{folder} has no {part}/ folder; the checkpoint is incomplete, re-download it")
@@ -128,20 +132,29 @@ def load_diffusers_folder(folder: Path) -> Checkpoint:
     vae = _load(AutoencoderKL, folder / "vae")
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     weights = sorted(folder.glob("*/*.safetensors")) + sorted(folder.glob("*/*.bin"))
-    return Checkpoint(text_encoder, unet, vae, folder / "tokenizer", scheduler,
-                      {"kind": "diffusers", "path": str(folder), "sha256": hash_files(weights)})
+    return Checkpoint(
+        text_encoder,
+        unet,
+        vae,
+        folder / "tokenizer",
+        scheduler,
+        {"kind": "diffusers", "path": str(folder), "sha256": hash_files(weights)},
+    )
 
 
 def check_unet_config(cfg: dict, where: Path | str) -> None:
     """Refuse UNets of families the export does not handle yet, with the reason."""
     if cfg.get("addition_embed_type") == "text_time":
-        raise UnsupportedModel(f"{where}: SDXL-style UNet (added text/time conditions), not supported yet; "
-                               "diffrt exports SD 1.x and 2.x")
+        raise UnsupportedModel(
+            f"{where}: SDXL-style UNet (added text/time conditions), not supported yet; diffrt exports SD 1.x and 2.x"
+        )
     if cfg.get("time_cond_proj_dim"):
         raise UnsupportedModel(f"{where}: LCM UNet (guidance embedding), not supported yet")
     if cfg.get("in_channels", 4) != 4:
-        raise UnsupportedModel(f"{where}: UNet with {cfg.get('in_channels')} input channels "
-                               "(inpainting/depth), not supported yet; use a text-to-image checkpoint")
+        raise UnsupportedModel(
+            f"{where}: UNet with {cfg.get('in_channels')} input channels "
+            "(inpainting/depth), not supported yet; use a text-to-image checkpoint"
+        )
 
 
 def _load(cls: type, folder: Path) -> torch.nn.Module:
@@ -150,8 +163,10 @@ def _load(cls: type, folder: Path) -> torch.nn.Module:
         model = cls.from_pretrained(folder, torch_dtype=torch.float32)
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise BadInput(f"could not load {folder.name} from {folder} ({first}); the weights are corrupt or "
-                       "incomplete, re-download them") from None
+        raise BadInput(
+            f"could not load {folder.name} from {folder} ({first}); the weights are corrupt or "
+            "incomplete, re-download them"
+        ) from None
     return model.eval().requires_grad_(False)
 
 

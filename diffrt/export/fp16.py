@@ -19,7 +19,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
-NORM_OPS = {"LayerNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization", "RMSNormalization"}
+NORM_OPS = {
+    "LayerNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "BatchNormalization",
+    "RMSNormalization",
+}
 COMPUTE_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"}
 # Inputs whose type is fixed to float32 by the ONNX spec whatever the data type.
 FIXED_INPUTS = {"Resize": {1, 2}, "Upsample": {1}}

@@ -60,14 +60,21 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: Path, opset:
     """Export with torch's dynamo exporter to `path`; symbolic axes get the spec's dim names."""
     dims = export_example_dims(spec)
     args = tuple(torch.from_numpy(a) for a in spec.sample_inputs(dims).values())
-    dynamic = tuple({i: torch.export.Dim.DYNAMIC for i in axes} for axes in
-                    (spec.dynamic_axes()[t.name] for t in spec.inputs))
+    dynamic = tuple(
+        {i: torch.export.Dim.DYNAMIC for i in axes} for axes in (spec.dynamic_axes()[t.name] for t in spec.inputs)
+    )
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer chatter about python control flow on shapes
         program = torch.onnx.export(
-            module.eval(), args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
-            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-            optimize=True, verbose=False,
+            module.eval(),
+            args,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic,
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            optimize=True,
+            verbose=False,
         )
     model = program.model_proto
     name_dims(model, spec)
@@ -93,8 +100,14 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     big = model.ByteSize() > EXTERNAL_DATA_BYTES if _small_enough_to_measure(model) else True
     if big:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(path))
 

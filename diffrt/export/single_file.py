@@ -44,16 +44,20 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:
-        raise BadInput(f"{path} is not a readable .safetensors file ({str(e)[:120]}); the file is corrupt or "
-                       "truncated, re-download it") from None
+        raise BadInput(
+            f"{path} is not a readable .safetensors file ({str(e)[:120]}); the file is corrupt or "
+            "truncated, re-download it"
+        ) from None
 
 
 def detect_family(sd: dict[str, torch.Tensor], path: Path) -> str:
     if any(k.startswith("conditioner.embedders.") for k in sd):
         raise UnsupportedModel(f"{path} is an SDXL checkpoint, not supported yet; diffrt exports SD 1.x and 2.x")
     if UNET + "input_blocks.0.0.weight" not in sd or VAE + "decoder.conv_in.weight" not in sd:
-        raise BadInput(f"{path} is not a Stable Diffusion checkpoint (no UNet/VAE keys in the original layout); "
-                       "pass an SD 1.x/2.x single file or a diffusers folder")
+        raise BadInput(
+            f"{path} is not a Stable Diffusion checkpoint (no UNet/VAE keys in the original layout); "
+            "pass an SD 1.x/2.x single file or a diffusers folder"
+        )
     if any(k.startswith(CLIP_SD2 + "transformer.resblocks.") for k in sd):
         return "sd2"
     if any(k.startswith(CLIP_SD1) for k in sd):
@@ -170,8 +174,9 @@ def load_single_file(path: Path, prediction_type: str | None = None, tokenizer: 
     default_pred = "epsilon" if family == "sd1" else "v_prediction"
     pred = prediction_type or default_pred
     if not prediction_type:
-        log.info("single file: %s checkpoint, assuming prediction_type=%s (override with --prediction-type)",
-                 family, pred)
+        log.info(
+            "single file: %s checkpoint, assuming prediction_type=%s (override with --prediction-type)", family, pred
+        )
     try:
         unet = UNet2DConditionModel.from_config(u_cfg)
         unet.load_state_dict(convert_ldm_unet_checkpoint(sd, unet.config), strict=True)
@@ -184,8 +189,10 @@ def load_single_file(path: Path, prediction_type: str | None = None, tokenizer: 
         if [k for k in missing if "position_ids" not in k] or unexpected:
             raise RuntimeError(f"text encoder keys: missing {missing[:3]}, unexpected {unexpected[:3]}")
     except RuntimeError as e:
-        raise BadInput(f"{path}: weights do not fit the inferred {family} architecture "
-                       f"({str(e).splitlines()[0][:160]}); pass a standard SD 1.x/2.x checkpoint") from None
+        raise BadInput(
+            f"{path}: weights do not fit the inferred {family} architecture "
+            f"({str(e).splitlines()[0][:160]}); pass a standard SD 1.x/2.x checkpoint"
+        ) from None
     tok_dir = tokenizer or _default_tokenizer(family, t_cfg["vocab_size"], path)
     scheduler = {**SCHEDULER, "prediction_type": pred}
     return Checkpoint(
@@ -203,8 +210,10 @@ def _default_tokenizer(family: str, vocab_size: int, path: Path) -> Path:
     from diffrt.export.tokenizer import clip_bpe_files
 
     if vocab_size != 49408:
-        raise BadInput(f"{path}: text encoder vocabulary of {vocab_size} is not CLIP's (49408); pass the matching "
-                       "tokenizer folder with --tokenizer")
+        raise BadInput(
+            f"{path}: text encoder vocabulary of {vocab_size} is not CLIP's (49408); pass the matching "
+            "tokenizer folder with --tokenizer"
+        )
     folder = Path(tempfile.mkdtemp(prefix="diffrt-tokenizer-"))
     clip_bpe_files(folder, pad="!" if family == "sd2" else "<|endoftext|>")
     (folder / "source.json").write_text(json.dumps({"from": "open_clip bpe_simple_vocab_16e6"}))

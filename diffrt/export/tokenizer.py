@@ -20,8 +20,10 @@ def export_tokenizer(tokenizer_dir: Path, out_dir: Path) -> TokenizerInfo:
     try:
         tok = CLIPTokenizerFast.from_pretrained(tokenizer_dir)
     except Exception as e:
-        raise BadInput(f"could not load the tokenizer in {tokenizer_dir} ({str(e)[:120]}); the checkpoint's "
-                       "tokenizer/ folder needs vocab.json and merges.txt") from None
+        raise BadInput(
+            f"could not load the tokenizer in {tokenizer_dir} ({str(e)[:120]}); the checkpoint's "
+            "tokenizer/ folder needs vocab.json and merges.txt"
+        ) from None
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
     max_length = min(int(tok.model_max_length), CLIP_MAX_LENGTH) if tok.model_max_length else CLIP_MAX_LENGTH
@@ -41,8 +43,10 @@ def clip_bpe_files(folder: Path, pad: str) -> None:
     spec = importlib.util.find_spec("open_clip")
     data = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz" if spec else None
     if data is None or not data.is_file():
-        raise BadInput("single-file checkpoints carry no tokenizer and CLIP's vocabulary was not found; "
-                       "`pip install open-clip-torch` (it ships the vocabulary) or pass --tokenizer DIR")
+        raise BadInput(
+            "single-file checkpoints carry no tokenizer and CLIP's vocabulary was not found; "
+            "`pip install open-clip-torch` (it ships the vocabulary) or pass --tokenizer DIR"
+        )
     lines = gzip.decompress(data.read_bytes()).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     symbols = _byte_symbols()
@@ -51,10 +55,15 @@ def clip_bpe_files(folder: Path, pad: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": pad}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad,
+    }
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": CLIP_MAX_LENGTH,
-                    "do_lower_case": True, **special})
+        json.dumps(
+            {"tokenizer_class": "CLIPTokenizer", "model_max_length": CLIP_MAX_LENGTH, "do_lower_case": True, **special}
+        )
     )
     (folder / "special_tokens_map.json").write_text(json.dumps(special))

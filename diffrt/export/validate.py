@@ -27,8 +27,10 @@ class Check:
 
     def row(self) -> str:
         verdict = "ok" if self.passed else "FAIL"
-        return (f"{self.component:<13} {self.precision:<5} {self.shape:<44} {self.max_abs_error:>11.3e} "
-                f"{self.cosine:>10.6f}  {verdict}")
+        return (
+            f"{self.component:<13} {self.precision:<5} {self.shape:<44} {self.max_abs_error:>11.3e} "
+            f"{self.cosine:>10.6f}  {verdict}"
+        )
 
 
 HEADER = f"{'component':<13} {'prec':<5} {'shape':<44} {'max abs err':>11} {'cosine':>10}  result"
@@ -69,9 +71,7 @@ def session(path: Path, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def validate_component(
-    module: torch.nn.Module, spec: ComponentSpec, graphs: dict[str, Path]
-) -> list[Check]:
+def validate_component(module: torch.nn.Module, spec: ComponentSpec, graphs: dict[str, Path]) -> list[Check]:
     """Run torch (FP32) and every graph on the same sample inputs; judge FP32 by error, FP16 by cosine."""
     sessions = {precision: session(path) for precision, path in graphs.items()}
     checks = []
