@@ -21,7 +21,14 @@ def _image_range(text: str) -> tuple[int, int, int]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
     from diffrt.export.bundle_writer import ExportOptions, export_bundle
+
+    # Our own stage lines report progress; the libraries' per-file bars would interleave with them.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
     opts = ExportOptions(
         opset=args.opset,

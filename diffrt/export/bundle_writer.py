@@ -18,7 +18,7 @@ import onnx
 from diffrt import __version__
 from diffrt.bundle import TOKENIZER, ComponentEntry, Manifest, ModelInfo, UpscalerInfo
 from diffrt.errors import BadInput, ValidationFailed
-from diffrt.export.checkpoint import Checkpoint, load_checkpoint
+from diffrt.export.checkpoint import Checkpoint, check_source, load_checkpoint
 from diffrt.export.fp16 import convert_to_fp16
 from diffrt.export.onnx_export import TextEncoder, UNet, VAEDecoder, export_onnx, save_onnx
 from diffrt.export.tokenizer import export_tokenizer
@@ -103,28 +103,35 @@ def _export_component(module, spec, tmp: Path, opts: ExportOptions, fp32_attenti
     return files, checks
 
 
+@dataclass(frozen=True)
+class ExportResult:
+    manifest: Manifest
+    checks: list[Check]  # validation rows; empty with --no-validate
+
+
 def export_bundle(
     source: str, out: Path, upscaler: Path | None = None, opts: ExportOptions = ExportOptions()
-) -> Manifest:
+) -> ExportResult:
     """Export SOURCE (+ upscaler) to the bundle directory OUT; nothing is left at OUT unless it all succeeded."""
     out = Path(out)
     if out.exists() and not opts.force:
         raise BadInput(f"{out} already exists; pass --force to replace it or choose another -o")
+    check_source(source)
     if upscaler is not None and not Path(upscaler).is_file():
         raise BadInput(f"upscaler {upscaler} does not exist; pass a .pth or .safetensors ESRGAN-family file")
-    with stage("load checkpoint"):
-        ckpt = load_checkpoint(source, prediction_type=opts.prediction_type, tokenizer=opts.tokenizer)
     loaded_upscaler = None
-    if upscaler is not None:
+    if upscaler is not None:  # first: it is quick, and a bad file should not wait for a big checkpoint
         from diffrt.export.upscaler import load_upscaler
 
         with stage("load upscaler"):
             loaded_upscaler = load_upscaler(Path(upscaler))
+    with stage("load checkpoint"):
+        ckpt = load_checkpoint(source, prediction_type=opts.prediction_type, tokenizer=opts.tokenizer)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        manifest = _write(ckpt, loaded_upscaler, tmp, opts)
+        result = _write(ckpt, loaded_upscaler, tmp, opts)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
@@ -132,10 +139,10 @@ def export_bundle(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("bundle written to %s", out)
-    return manifest
+    return result
 
 
-def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Manifest:
+def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> ExportResult:
     with stage("tokenizer"):
         tokenizer = export_tokenizer(ckpt.tokenizer_dir, (tmp / TOKENIZER).parent)
     shapes = sd_shapes(ckpt, tokenizer.max_length, opts.image_range)
@@ -181,4 +188,4 @@ def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Manife
         model, tokenizer, dict(ckpt.scheduler_config), components, upscaler_info, source=ckpt.source, tools=_tools()
     )
     manifest.save(tmp)
-    return manifest
+    return ExportResult(manifest, checks)

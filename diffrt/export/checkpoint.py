@@ -50,6 +50,13 @@ class Checkpoint:
         return "sd2" if cfg.use_linear_projection or cfg.cross_attention_dim == 1024 else "sd1"
 
 
+def check_source(source: str) -> None:
+    """Fail fast (before any progress output) on a SOURCE that is neither a path nor a hub id."""
+    path = Path(source)
+    if not path.exists() and not (HUB_ID.match(source) and not source.startswith((".", "/"))):
+        raise BadInput(f"{source} does not exist; pass a diffusers folder, a .safetensors file or a hub id")
+
+
 def load_checkpoint(source: str, *, prediction_type: str | None = None, tokenizer: Path | None = None) -> Checkpoint:
     """Dispatch on the kind of SOURCE: a diffusers folder, a single .safetensors file, or a hub id."""
     path = Path(source)

@@ -159,6 +159,14 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_attention: bool = False) -> onn
     for vi in graph.value_info:
         if vi.name in dtype and vi.type.tensor_type.elem_type in (FLOAT, HALF):
             vi.type.tensor_type.elem_type = dtype[vi.name]
+    # Declare the inserted Casts' outputs (same shape as their source) so the graph stays fully typed.
+    shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.input)}
+    for (source, want), name in casts.items():
+        vi = graph.value_info.add()
+        if source in shapes:
+            vi.CopyFrom(shapes[source])
+        vi.name = name
+        vi.type.tensor_type.elem_type = want
     return model_copy
 
 

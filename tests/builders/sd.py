@@ -64,7 +64,14 @@ def write_clip_tokenizer(folder: Path, pad: str) -> None:
         )
     )
     (folder / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad})
+        json.dumps(
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": pad,
+            }
+        )
     )
 
 
@@ -127,6 +134,7 @@ def build_sd(folder: Path, flavour: Flavour = "sd1", seed: int = 0, *, sample_si
         cross_attention_dim=64,
         attention_head_dim=(1, 2) if sd2 else 8,
         use_linear_projection=sd2,
+        upcast_attention=sd2,  # as SD 2.x at 768: exercises the FP32 attention islands
         norm_num_groups=32,
     ).eval()
     vae = AutoencoderKL(
@@ -170,3 +178,9 @@ def build_sd(folder: Path, flavour: Flavour = "sd1", seed: int = 0, *, sample_si
         )
     )
     return folder
+
+
+if __name__ == "__main__":  # python -m tests.builders.sd FOLDER [sd1|sd2]
+    import sys
+
+    print(build_sd(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "sd1"))

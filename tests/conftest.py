@@ -1,0 +1,53 @@
+"""Session fixtures: tiny seeded checkpoints (built by tests/builders) and the bundles exported from them."""
+
+import os
+import tempfile
+
+# Never reach for the hub, and keep libraries' caches out of the user's home.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", os.path.join(tempfile.gettempdir(), "diffrt-test-hf-home"))
+
+import pytest  # noqa: E402
+
+from tests.builders.sd import build_sd  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    """Tiny SD1-style diffusers folder: epsilon, conv projections, CLIP-style text encoder."""
+    return build_sd(tmp_path_factory.mktemp("ckpt") / "tiny-sd1", "sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd2_folder(tmp_path_factory):
+    """Tiny SD2-style diffusers folder: v-prediction, linear projections, upcast attention, '!' padding."""
+    return build_sd(tmp_path_factory.mktemp("ckpt") / "tiny-sd2", "sd2", seed=1)
+
+
+def _export(folder, out, **kw):
+    from diffrt.export.bundle_writer import ExportOptions, export_bundle
+
+    return export_bundle(str(folder), out, opts=ExportOptions(**kw))
+
+
+@pytest.fixture(scope="session")
+def sd1_export(sd1_folder, tmp_path_factory):
+    """(bundle path, ExportResult) of the tiny SD1 checkpoint, validated."""
+    out = tmp_path_factory.mktemp("bundle") / "sd1"
+    return out, _export(sd1_folder, out)
+
+
+@pytest.fixture(scope="session")
+def sd2_export(sd2_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "sd2"
+    return out, _export(sd2_folder, out)
+
+
+@pytest.fixture(scope="session")
+def sd1_bundle(sd1_export):
+    return sd1_export[0]
+
+
+@pytest.fixture(scope="session")
+def sd2_bundle(sd2_export):
+    return sd2_export[0]
