@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from diffrt.errors import DiffrtError
+from diffrt.errors import BadInput, DiffrtError
 
 log = logging.getLogger("diffrt")
 
@@ -39,6 +39,43 @@ def cmd_export(args: argparse.Namespace) -> int:
         image_range=args.image_range,
     )
     export_bundle(args.source, args.output, upscaler=args.upscaler, opts=opts)
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected WIDTHxHEIGHT, e.g. 512x512") from None
+    return w, h
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from diffrt.engine.images import parameters_text, save_png
+    from diffrt.engine.pipeline import Pipeline
+
+    width, height = args.size if args.size else (None, None)
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise BadInput(f"output folder {out.parent} does not exist; create it or choose another -o")
+    pipe = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads)
+    bar = tqdm(total=args.steps, desc="denoise", unit="step", disable=args.quiet, leave=False)
+    result = pipe(
+        args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        scheduler=args.scheduler, height=height, width=width, num_images=args.num_images, seed=args.seed,
+        upscale=not args.no_upscale, callback=lambda i, n: bar.update(1),
+    )
+    bar.close()
+    t = result.timings
+    log.info("timings: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in t.items()))
+    text = parameters_text(args.prompt, args.negative, result.parameters)
+    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
+                                                    for i in range(len(result.images))]
+    for image, path in zip(result.images, paths):
+        save_png(image, path, text)
+        log.info("wrote %s (%dx%d)", path, image.width, image.height)
     return 0
 
 
@@ -76,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="image sides the bundle accepts (default: half to twice the native size)",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="prompt -> PNG from a bundle",
+                       description="Generate images from a bundle; PNGs carry the settings in a 'parameters' "
+                       "text chunk (A1111's format).")
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("prompt")
+    p.add_argument("-o", "--output", default="out.png", help="PNG path; with several images -0, -1, ... are added")
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--scheduler", default="dpmpp_2m_karras", help="sampler: ddim, pndm, euler, euler_a, heun, lms, "
+                   "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde_karras, unipc, lcm (or their diffusers/A1111 names)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=_size, metavar="WxH", help="image size (default: the checkpoint's native size)")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--no-upscale", action="store_true", help="skip the bundle's upscaler")
+    p.add_argument("--backend", default="auto", help="auto, tensorrt, ort-cuda or ort-cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for ort-cpu (default: all cores)")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

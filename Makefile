@@ -1,0 +1,30 @@
+# Quick start:  make demo   (export a tiny checkpoint and draw with it)      make test   (the test suite)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+PROMPT ?= a red circle on a blue background
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[export,test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: $(STAMP)
+	$(PY) -m tests.builders.sd build/tiny-sd1 sd1 > /dev/null
+	$(VENV)/bin/diffrt export build/tiny-sd1 -o build/tiny-sd1.bundle --force
+	$(VENV)/bin/diffrt generate build/tiny-sd1.bundle "$(PROMPT)" --steps 20 -o out.png
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf build out.png
