@@ -185,7 +185,13 @@ def load_single_file(path: Path, prediction_type: str | None = None, tokenizer: 
         text_encoder = CLIPTextModel(CLIPTextConfig(**t_cfg))
         text_sd = convert_ldm_clip_checkpoint(sd) if family == "sd1" else convert_open_clip_checkpoint(text_encoder, sd)
         text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
-        missing, unexpected = text_encoder.text_model.load_state_dict(text_sd, strict=False)
+        # SD 2.x drops OpenCLIP's last block; diffusers' converter only knows to skip it at index 23.
+        last = f"encoder.layers.{t_cfg['num_hidden_layers']}."
+        text_sd = {k: v for k, v in text_sd.items() if not k.startswith(last)}
+        # transformers < 5.6 nests the weights under `text_model`; later versions do not.
+        target = getattr(text_encoder, "text_model", text_encoder)
+        missing, unexpected = target.load_state_dict(text_sd, strict=False)
+        unexpected = [k for k in unexpected if "position_ids" not in k]  # a buffer old checkpoints saved
         if [k for k in missing if "position_ids" not in k] or unexpected:
             raise RuntimeError(f"text encoder keys: missing {missing[:3]}, unexpected {unexpected[:3]}")
     except RuntimeError as e:
