@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -132,6 +133,7 @@ def export_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         result = _write(ckpt, loaded_upscaler, tmp, opts)
+        _publish_permissions(tmp)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
@@ -140,6 +142,14 @@ def export_bundle(
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("bundle written to %s", out)
     return result
+
+
+def _publish_permissions(folder: Path) -> None:
+    """mkdtemp makes the folder private and onnx writes weight files 0600: give the bundle normal modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> ExportResult:

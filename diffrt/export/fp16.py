@@ -70,10 +70,8 @@ def _attention_nodes(graph: onnx.GraphProto) -> set[int]:
 
 
 def convert_to_fp16(model: onnx.ModelProto, fp32_attention: bool = False) -> onnx.ModelProto:
-    """Return an FP16 copy of `model` with FP32 islands; the input model is not modified."""
-    model_copy = onnx.ModelProto()
-    model_copy.CopyFrom(model)
-    graph = model_copy.graph
+    """Convert `model` in place to FP16 with FP32 islands and return it (in place: an SD UNet is 3.4 GB)."""
+    graph = model.graph
     _constants_to_initializers(graph)
 
     dtype = {vi.name: vi.type.tensor_type.elem_type for vi in list(graph.value_info) + list(graph.output)}
@@ -167,7 +165,7 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_attention: bool = False) -> onn
             vi.CopyFrom(shapes[source])
         vi.name = name
         vi.type.tensor_type.elem_type = want
-    return model_copy
+    return model
 
 
 def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:

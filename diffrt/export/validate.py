@@ -72,15 +72,18 @@ def session(path: Path, threads: int = 0) -> ort.InferenceSession:
 
 
 def validate_component(module: torch.nn.Module, spec: ComponentSpec, graphs: dict[str, Path]) -> list[Check]:
-    """Run torch (FP32) and every graph on the same sample inputs; judge FP32 by error, FP16 by cosine."""
-    sessions = {precision: session(path) for precision, path in graphs.items()}
-    checks = []
+    """Run torch (FP32) and every graph on the same sample inputs; judge FP32 by error, FP16 by cosine.
+    One ONNX Runtime session at a time: with an SD UNet, each holds gigabytes."""
+    cases = []
     for seed, dims in enumerate(validation_dims(spec)):
         feeds = spec.sample_inputs(dims, seed=seed)
         with torch.no_grad():
             reference = module(*(torch.from_numpy(a) for a in feeds.values())).numpy()
-        label = " ".join(f"{k}={v}" for k, v in dims.items())
-        for precision, sess in sessions.items():
+        cases.append((" ".join(f"{k}={v}" for k, v in dims.items()), feeds, reference))
+    checks = []
+    for precision, path in graphs.items():
+        sess = session(path)
+        for label, feeds, reference in cases:
             got = sess.run([spec.outputs[0].name], feeds)[0]
             err, cosine, finite = compare(reference, got)
             if precision == "fp32":
