@@ -79,6 +79,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from diffrt.engine.bench import BenchSettings, format_table, run_bench, write_json
+
+    if args.warmup < 0 or args.runs < 1:
+        raise BadInput("--runs must be >= 1 and --warmup >= 0")
+    width, height = args.size if args.size else (None, None)
+    settings = BenchSettings(
+        backend=args.backend, steps=args.steps, width=width, height=height, batch=args.batch,
+        scheduler=args.scheduler, guidance_scale=args.guidance, warmup=args.warmup, runs=args.runs,
+        upscale=not args.no_upscale, threads=args.threads,
+    )
+    bar = tqdm(total=args.warmup + args.runs, desc="bench", unit="run", disable=args.quiet, leave=False)
+    report = run_bench(args.bundle, settings, progress=lambda: bar.update(1))
+    bar.close()
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+        log.info("wrote %s", args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffrt import __version__
 
@@ -132,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="auto, tensorrt, ort-cuda or ort-cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for ort-cpu (default: all cores)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="per-stage latency, memory and host overhead of a bundle",
+                       description="Warm-up runs, then timed runs; medians and p90 per stage.")
+    p.add_argument("bundle")
+    p.add_argument("--backend", default="auto", help="auto, tensorrt, ort-cuda or ort-cpu")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--size", type=_size, metavar="WxH", help="image size (default: native)")
+    p.add_argument("--batch", type=int, default=1, help="images per call")
+    p.add_argument("--scheduler", default="dpmpp_2m_karras")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--no-upscale", action="store_true")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the report with the environment as JSON")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class PipelineOutput:
     images: list  # PIL images, or (H, W, 3) float32 arrays in [0, 1]
-    timings: dict[str, float]  # seconds: tokenizer, text_encoder, unet (all steps), vae_decoder, upscaler, total
+    timings: dict[str, float]  # seconds: tokenizer, text_encoder, denoise (loop), unet (all calls), vae_decoder,
+    # upscaler, total
     unet_times: list[float] = field(default_factory=list)  # seconds per UNet call
     parameters: dict = field(default_factory=dict)  # the settings used, for PNG metadata and logs
 
@@ -155,8 +156,10 @@ class Pipeline:
         def noise(shape: tuple[int, ...]) -> np.ndarray:
             return rng.standard_normal(shape, dtype=np.float32)
 
+        t0 = time.perf_counter()
         latents = run_sampler(scheduler, eps_fn, latents, self.manifest.scheduler, steps, noise=noise,
                               callback=callback)
+        timings["denoise"] = time.perf_counter() - t0  # the whole loop: UNet calls + sampler/CFG host work
         timings["unet"] = sum(unet_times)
         if not np.isfinite(latents).all():
             raise NonFiniteOutput("unet produced NaN/inf latents; with FP16 engines try the FP32 bundle or a "

@@ -1,0 +1,136 @@
+"""`diffrt bench`: per-stage latency of a bundle, warm-up excluded, medians and p90 over timed runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+BENCH_SCHEMA = 1
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    backend: str = "auto"
+    steps: int = 20
+    width: int | None = None  # None: the bundle's native size
+    height: int | None = None
+    batch: int = 1  # images per call
+    scheduler: str = "dpmpp_2m_karras"
+    guidance_scale: float = 7.5
+    warmup: int = 2  # untimed runs first: session/graph/CUDA-graph set-up and caches
+    runs: int = 10
+    upscale: bool = True
+    threads: int = 0  # ort-cpu intra-op threads, 0 = all cores
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    """Median and p90 in milliseconds (p90 by linear interpolation, as numpy's default)."""
+    a = np.asarray(values, dtype=np.float64) * 1000
+    return {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)), "n": int(a.size)}
+
+
+def environment(threads: int) -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for dist in ("diffrt", "onnxruntime", "onnxruntime-gpu", "numpy", "tensorrt", "cuda-python"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": threads or os.cpu_count(),
+        "versions": versions,
+    }
+
+
+def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
+    """Load the bundle, run warm-up + timed generations, and return the report (JSON-ready)."""
+    t0 = time.perf_counter()
+    from diffrt.engine.pipeline import Pipeline
+
+    pipe = Pipeline.load(bundle, backend=s.backend, threads=s.threads)
+    load_s = time.perf_counter() - t0
+    call = dict(
+        num_inference_steps=s.steps, guidance_scale=s.guidance_scale, scheduler=s.scheduler, height=s.height,
+        width=s.width, num_images=s.batch, upscale=s.upscale, output_type="np",
+    )
+    for i in range(s.warmup):
+        pipe(PROMPT, seed=i, **call)
+        if progress:
+            progress()
+    runs = []
+    for i in range(s.runs):
+        out = pipe(PROMPT, seed=1000 + i, **call)
+        t = dict(out.timings)
+        t["unet_steps"] = list(out.unet_times)
+        t["host"] = t["denoise"] - t["unet"]  # sampler math, CFG combine, copies between UNet calls
+        runs.append(t)
+        if progress:
+            progress()
+    stages = {}
+    for name in ("tokenizer", "text_encoder", "unet", "host", "vae_decoder", "upscaler", "total"):
+        values = [r[name] for r in runs if name in r]
+        if values:
+            stages[name] = stats(values)
+    stages["unet_step"] = stats([x for r in runs for x in r["unet_steps"]])
+    model_sum = [r["text_encoder"] + r["unet"] + r["vae_decoder"] + r.get("upscaler", 0.0) for r in runs]
+    overhead = [r["total"] - m for r, m in zip(runs, model_sum)]
+    total = stages["total"]["median_ms"] / 1000
+    m = pipe.manifest.model
+    return {
+        "schema": BENCH_SCHEMA,
+        "bundle": str(bundle),
+        "backend": pipe.backend.name,
+        "settings": {**asdict(s), "width": s.width or m.default_size, "height": s.height or m.default_size},
+        "environment": environment(s.threads),
+        "load_s": load_s,
+        "stages": stages,
+        "end_to_end": {**stages["total"], "images_per_s": s.batch / total if total > 0 else 0.0},
+        "host_overhead": {**stats(overhead), "share_of_total": float(np.median(overhead)) / total if total else 0},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_mb": getattr(pipe.backend, "peak_device_mb", lambda: None)(),
+        "runs": runs,
+    }
+
+
+def format_table(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        f"diffrt bench  backend={report['backend']}  {s['width']}x{s['height']}  batch={s['batch']}  "
+        f"steps={s['steps']}  scheduler={s['scheduler']}  runs={s['runs']} (+{s['warmup']} warm-up)",
+        f"{'stage':<14}{'median ms':>12}{'p90 ms':>12}",
+    ]
+    for name, st in report["stages"].items():
+        lines.append(f"{name:<14}{st['median_ms']:>12.2f}{st['p90_ms']:>12.2f}")
+    e, h = report["end_to_end"], report["host_overhead"]
+    lines += [
+        f"end to end: median {e['median_ms']:.1f} ms, p90 {e['p90_ms']:.1f} ms, {e['images_per_s']:.2f} images/s",
+        f"host overhead (total - model calls): median {h['median_ms']:.2f} ms = {100 * h['share_of_total']:.2f} %",
+        f"bundle load {report['load_s']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB"
+        + (f", peak device {report['peak_device_mb']:.0f} MB" if report["peak_device_mb"] else ""),
+    ]
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
