@@ -19,15 +19,30 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-PYTHONS = {"diffrt": ROOT / ".venv/bin/python", "diffusers": ROOT / ".venv/bin/python",
-           "optimum": ROOT / ".venv-optimum/bin/python"}
+PYTHONS = {
+    "diffrt": ROOT / ".venv/bin/python",
+    "diffusers": ROOT / ".venv/bin/python",
+    "optimum": ROOT / ".venv-optimum/bin/python",
+}
 
 
 class Worker:
     def __init__(self, kind: str, args: argparse.Namespace):
-        cmd = [str(PYTHONS[kind]), str(ROOT / "benchmarks/peer.py"), kind, "--checkpoint", str(args.checkpoint),
-               "--bundle", str(args.bundle), "--steps", str(args.steps), "--size", args.size,
-               "--optimum-dir", str(args.optimum_dir)]
+        cmd = [
+            str(PYTHONS[kind]),
+            str(ROOT / "benchmarks/peer.py"),
+            kind,
+            "--checkpoint",
+            str(args.checkpoint),
+            "--bundle",
+            str(args.bundle),
+            "--steps",
+            str(args.steps),
+            "--size",
+            args.size,
+            "--optimum-dir",
+            str(args.optimum_dir),
+        ]
         self.kind = kind
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         self.load_s = self._read()["ready"]
@@ -80,22 +95,42 @@ def main() -> None:
         for w in workers:
             w.run()
     peaks = {w.kind: w.close() for w in workers}
-    report = {"settings": vars(args) | {"checkpoint": str(args.checkpoint), "bundle": str(args.bundle),
-                                          "optimum_dir": str(args.optimum_dir), "json": None}, "peers": {}}
+    report = {
+        "settings": vars(args)
+        | {
+            "checkpoint": str(args.checkpoint),
+            "bundle": str(args.bundle),
+            "optimum_dir": str(args.optimum_dir),
+            "json": None,
+        },
+        "peers": {},
+    }
     base = float(np.median(workers[0].totals))
-    print(f"{args.size}, {args.steps} steps, guidance 7.5, DPM++ 2M, {args.runs} interleaved runs "
-          f"(+{args.warmup} warm-up each)")
-    print(f"{'peer':<10}{'median ms':>11}{'p90 ms':>9}{'in models ms':>14}{'load s':>8}{'peak RSS MB':>13}"
-          f"{'diffrt is':>12}")
+    print(
+        f"{args.size}, {args.steps} steps, guidance 7.5, DPM++ 2M, {args.runs} interleaved runs "
+        f"(+{args.warmup} warm-up each)"
+    )
+    print(
+        f"{'peer':<10}{'median ms':>11}{'p90 ms':>9}{'in models ms':>14}{'load s':>8}{'peak RSS MB':>13}"
+        f"{'diffrt is':>12}"
+    )
     for w in workers:
         med = float(np.median(w.totals))
         calls = float(np.median(w.calls)) if not np.isnan(w.calls).all() else float("nan")
-        entry = {"median_ms": med * 1000, "p90_ms": float(np.percentile(w.totals, 90)) * 1000,
-                 "model_calls_median_ms": calls * 1000, "load_s": w.load_s, "peak_rss_mb": peaks[w.kind],
-                 "speedup_of_diffrt": med / base, "totals_s": w.totals}
+        entry = {
+            "median_ms": med * 1000,
+            "p90_ms": float(np.percentile(w.totals, 90)) * 1000,
+            "model_calls_median_ms": calls * 1000,
+            "load_s": w.load_s,
+            "peak_rss_mb": peaks[w.kind],
+            "speedup_of_diffrt": med / base,
+            "totals_s": w.totals,
+        }
         report["peers"][w.kind] = entry
-        print(f"{w.kind:<10}{entry['median_ms']:>11.1f}{entry['p90_ms']:>9.1f}{entry['model_calls_median_ms']:>14.1f}"
-              f"{w.load_s:>8.2f}{peaks[w.kind]:>13.0f}{med / base:>11.2f}x")
+        print(
+            f"{w.kind:<10}{entry['median_ms']:>11.1f}{entry['p90_ms']:>9.1f}{entry['model_calls_median_ms']:>14.1f}"
+            f"{w.load_s:>8.2f}{peaks[w.kind]:>13.0f}{med / base:>11.2f}x"
+        )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
 

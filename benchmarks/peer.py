@@ -46,8 +46,18 @@ def load(kind: str, args: argparse.Namespace):
         pipe = Pipeline.load(args.bundle, backend="ort-cpu")
 
         def run(seed: int) -> tuple[float, float]:
-            out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=7.5,
-                       scheduler="dpmpp_2m", height=h, width=w, seed=seed, upscale=False, output_type="np")
+            out = pipe(
+                PROMPT,
+                negative_prompt=NEGATIVE,
+                num_inference_steps=args.steps,
+                guidance_scale=7.5,
+                scheduler="dpmpp_2m",
+                height=h,
+                width=w,
+                seed=seed,
+                upscale=False,
+                output_type="np",
+            )
             t = out.timings
             return t["total"], t["text_encoder"] + t["unet"] + t["vae_decoder"]
 
@@ -60,9 +70,8 @@ def load(kind: str, args: argparse.Namespace):
         pipe = StableDiffusionPipeline.from_pretrained(args.checkpoint, safety_checker=None)
         spent = None
     else:
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
-
         from diffusers import DPMSolverMultistepScheduler
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
 
         exported = Path(args.optimum_dir)
         if not (exported / "model_index.json").exists():
@@ -77,8 +86,16 @@ def load(kind: str, args: argparse.Namespace):
         if spent is not None:
             spent.clear()
         t = time.perf_counter()
-        pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=7.5, height=h,
-             width=w, generator=torch.Generator().manual_seed(seed), output_type="np")
+        pipe(
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            num_inference_steps=args.steps,
+            guidance_scale=7.5,
+            height=h,
+            width=w,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        )
         total = time.perf_counter() - t
         return total, (sum(spent) if spent is not None else float("nan"))
 
