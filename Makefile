@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 PROMPT ?= a red circle on a blue background
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean optimum-venv
 
 install: $(STAMP)
 
@@ -25,6 +25,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# optimum-onnx pins transformers < 4.58, which current diffusers does not accept: a venv of its own.
+optimum-venv: .venv-optimum/.installed
+.venv-optimum/.installed:
+	python3 -m venv .venv-optimum
+	.venv-optimum/bin/pip install -q -c constraints.txt torch 'optimum-onnx[onnxruntime]==0.1.0' diffusers
+	touch $@
 
 clean:
 	rm -rf build out.png
