@@ -61,13 +61,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise BadInput(f"output folder {out.parent} does not exist; create it or choose another -o")
     pipe = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads)
-    bar = tqdm(total=args.steps, desc="denoise", unit="step", disable=args.quiet, leave=False)
-    result = pipe(
-        args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        scheduler=args.scheduler, height=height, width=width, num_images=args.num_images, seed=args.seed,
-        upscale=not args.no_upscale, callback=lambda i, n: bar.update(1),
-    )
-    bar.close()
+    bars: list[tqdm] = []  # made on the first step, so that a request refused up front prints only its error
+
+    def progress(step: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="denoise", unit="call", disable=args.quiet, leave=False))
+        bars[0].update(1)
+
+    try:
+        result = pipe(
+            args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+            guidance_scale=args.guidance, scheduler=args.scheduler, height=height, width=width,
+            num_images=args.num_images, seed=args.seed, upscale=not args.no_upscale, callback=progress,
+        )
+    finally:
+        for bar in bars:
+            bar.close()
     t = result.timings
     log.info("timings: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in t.items()))
     text = parameters_text(args.prompt, args.negative, result.parameters)
@@ -178,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    # diffrt's own lines go to stderr as plain messages; a fresh handler per call follows sys.stderr.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
     for noisy in ("torch", "onnxscript", "onnx_ir", "diffusers", "transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     try:

@@ -28,9 +28,9 @@ class ClipTokenizer:
         for row, enc in zip(ids, self._tok.encode_batch(prompts)):
             tokens = enc.ids  # bos ... eos, added by the tokenizer's post-processor
             if len(tokens) > n:
-                dropped = len(tokens) - n
-                log.warning("prompt is %d tokens over the %d-token limit; dropped them: %r", dropped, n,
-                            self._tok.decode(tokens[n - 1 : -1]))
+                dropped = self._tok.decode(tokens[n - 1 : -1]).replace("</w>", " ").strip()
+                log.warning("prompt is %d tokens over the %d-token limit; dropped: %r", len(tokens) - n, n,
+                            dropped if len(dropped) < 80 else dropped[:77] + "...")
                 tokens = tokens[: n - 1] + [self.info.eos_id]  # CLIP keeps eos last
             row[: len(tokens)] = tokens
         return ids

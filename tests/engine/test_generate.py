@@ -106,10 +106,15 @@ def test_missing_corrupt_and_newer_bundles(capsys, sd1_bundle, tmp_path):
 
 def test_long_prompt_is_truncated_with_a_warning(sd1_bundle, caplog):
     pipe = Pipeline.load(sd1_bundle, backend="ort-cpu")
-    words = "red blue green cat " * 30  # 120 tokens + bos/eos
+    from tokenizers import Tokenizer
+
+    words = "red blue green cat " * 30
+    full = Tokenizer.from_file(str(sd1_bundle / "tokenizer/tokenizer.json")).encode(words).ids
+    assert len(full) > 77
     ids = pipe.tokenizer([words])
     assert ids.shape == (1, 77) and ids[0, -1] == pipe.manifest.tokenizer.eos_id
-    assert any("45 tokens over" in r.getMessage() for r in caplog.records)
+    assert ids[0, :76].tolist() == full[:76]
+    assert any(f"{len(full) - 77} tokens over" in r.getMessage() for r in caplog.records)
 
 
 def test_non_finite_vae_output_names_the_component(sd1_folder, tmp_path, capsys):
