@@ -43,6 +43,7 @@ def reference(sd1_folder, sd2_folder):
     for flavour, folder in (("sd1", sd1_folder), ("sd2", sd2_folder)):
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
         pipe.set_progress_bar_config(disable=True)
+        pipe.original_scheduler_config = dict(pipe.scheduler.config)  # switch samplers from this, not the last
         out[flavour] = pipe
     return out
 
@@ -51,7 +52,7 @@ def run_diffusers(pipe, sampler, latents, steps=6, guidance=7.5, negative=NEGATI
     import diffusers
 
     cls_name, overrides = DIFFUSERS[sampler]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.original_scheduler_config, **overrides)
     n = latents.shape[0]
     result = pipe(
         PROMPT,
