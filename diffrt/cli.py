@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the report with the environment as JSON")
     p.set_defaults(func=cmd_bench)
+
+    from diffrt.engine.trt_cli import add_build_parser
+
+    add_build_parser(sub)
     return parser
 
 

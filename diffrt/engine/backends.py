@@ -130,24 +130,24 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def make_backend(name: str, manifest: Manifest, threads: int = 0) -> Backend:
+def make_backend(name: str, manifest: Manifest, threads: int = 0, bundle: Path | None = None) -> Backend:
     """Resolve a backend name; "auto" takes the fastest one available and logs its choice."""
     if name not in BACKENDS:
         raise BadInput(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
-        try:
-            from diffrt.engine.trt import available_reason
+        from diffrt.engine.trt import available_reason
+        from diffrt.engine.trt_build import read_plan_records
 
-            reason = available_reason()
-        except ImportError:
-            reason = "diffrt's TensorRT backend is not part of this install"
+        reason = available_reason()
+        if reason is None and bundle is not None and not read_plan_records(bundle):
+            reason = "the bundle has no TensorRT plans yet (`diffrt build`)"
         if reason is None:
             name = "tensorrt"
         elif cuda_available():
             name = "ort-cuda"
         else:
             name = "ort-cpu"
-        log.info("backend auto: using %s", name)
+        log.info("backend auto: using %s%s", name, f" ({reason})" if name != "tensorrt" and reason else "")
     if name == "tensorrt":
         from diffrt.engine.trt import TensorRTBackend
 

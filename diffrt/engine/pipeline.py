@@ -54,7 +54,7 @@ class Pipeline:
         """Open a bundle directory (or "demo") on a backend: "tensorrt", "ort-cuda", "ort-cpu" or "auto"."""
         bundle = Path(bundle)
         manifest = load_manifest(bundle)
-        return cls(bundle, manifest, make_backend(backend, manifest, threads))
+        return cls(bundle, manifest, make_backend(backend, manifest, threads, bundle))
 
     @property
     def has_upscaler(self) -> bool:
