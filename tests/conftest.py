@@ -51,3 +51,15 @@ def sd1_bundle(sd1_export):
 @pytest.fixture(scope="session")
 def sd2_bundle(sd2_export):
     return sd2_export[0]
+
+
+@pytest.fixture(scope="session")
+def sd1_upscaled_bundle(sd1_folder, tmp_path_factory):
+    """The tiny SD1 checkpoint exported with a tiny x4 ESRGAN (old key layout, .pth)."""
+    from diffrt.export.bundle_writer import ExportOptions, export_bundle
+    from tests.builders.upscaler import build_esrgan_old
+
+    root = tmp_path_factory.mktemp("bundle")
+    weights = build_esrgan_old(root / "esrgan.pth", seed=5)
+    export_bundle(str(sd1_folder), root / "sd1-up", upscaler=weights, opts=ExportOptions())
+    return root / "sd1-up"

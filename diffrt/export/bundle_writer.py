@@ -84,7 +84,7 @@ def _tools() -> dict[str, str]:
     return out
 
 
-def _export_component(module, spec, tmp: Path, opts: ExportOptions, fp32_attention: bool) -> tuple[dict, list[Check]]:
+def export_component(module, spec, tmp: Path, opts: ExportOptions, fp32_attention: bool) -> tuple[dict, list[Check]]:
     files = {"fp32": f"onnx/{spec.name}.fp32.onnx", "fp16": f"onnx/{spec.name}.fp16.onnx"}
     with stage(f"{spec.name}: export fp32 ONNX"):
         export_onnx(module, spec, tmp / files["fp32"], opts.opset)
@@ -172,7 +172,7 @@ def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Export
         )
     components, checks = {}, []
     for name, (module, fp32_attention) in modules.items():
-        files, component_checks = _export_component(module, specs[name], tmp, opts, fp32_attention)
+        files, component_checks = export_component(module, specs[name], tmp, opts, fp32_attention)
         components[name] = ComponentEntry(specs[name], files)
         checks += component_checks
     if checks:
