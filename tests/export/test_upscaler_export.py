@@ -26,7 +26,7 @@ def test_upscaler_exports_and_validates(name, tmp_path):
     files, checks = export_component(up.module, spec, tmp_path, ExportOptions(), fp32_attention=False)
     assert {c.shape for c in checks} == {"batch=1 height=32 width=32", "batch=2 height=32 width=16"}
     assert all(c.passed for c in checks), checks
-    for precision, rel in files.items():
+    for _precision, rel in files.items():
         onnx.checker.check_model(str(tmp_path / rel))
     assert fp16_fraction(onnx.load(str(tmp_path / files["fp16"]))) > 0.99  # Resize scales stay FP32 by spec
     # The graph takes any size in range, not only the traced one.
