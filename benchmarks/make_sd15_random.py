@@ -19,6 +19,7 @@ def build(folder: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from diffrt.bundle import SD_SCHEDULER
     from diffrt.export.tokenizer import clip_bpe_files
 
     torch.manual_seed(seed)
@@ -59,19 +60,7 @@ def build(folder: Path, seed: int = 0) -> Path:
     text.save_pretrained(folder / "text_encoder")
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
-    scheduler = {
-        "_class_name": "PNDMScheduler",
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "clip_sample": False,
-        "prediction_type": "epsilon",
-        "trained_betas": None,
-    }
+    scheduler = SD_SCHEDULER
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler/scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     index = {

@@ -16,22 +16,11 @@ import time
 
 import numpy as np
 
+from diffrt.bundle import SD_SCHEDULER
 from diffrt.engine.samplers import SAMPLERS, run_sampler
 from diffrt.engine.schedules import make_schedule
 
-SD1 = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "trained_betas": None,
-    "prediction_type": "epsilon",
-}
+SD1 = SD_SCHEDULER
 TARGET_MS = 0.2
 
 

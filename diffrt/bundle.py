@@ -14,6 +14,21 @@ from diffrt.errors import BadInput
 from diffrt.specs import ComponentSpec
 
 SCHEMA_VERSION = 1
+# SD 1.x/2.x's training noise schedule as diffusers writes it (PNDM with PLMS steps); releases differ only
+# in prediction_type. Used where no checkpoint config exists: single files, benchmarks, test checkpoints.
+SD_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+}
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer/tokenizer.json"
 Precision = Literal["fp32", "fp16"]

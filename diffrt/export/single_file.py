@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from diffrt.bundle import SD_SCHEDULER
 from diffrt.errors import BadInput, UnsupportedModel
 from diffrt.export.checkpoint import Checkpoint, check_unet_config, hash_files
 
@@ -24,18 +25,6 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP_SD1 = "cond_stage_model.transformer.text_model."
 CLIP_SD2 = "cond_stage_model.model."
-SCHEDULER = {  # SD's training schedule; only prediction_type differs between the releases
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "trained_betas": None,
-}
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
@@ -200,7 +189,7 @@ def load_single_file(path: Path, prediction_type: str | None = None, tokenizer: 
             f"({str(e).splitlines()[0][:160]}); pass a standard SD 1.x/2.x checkpoint"
         ) from None
     tok_dir = tokenizer or _default_tokenizer(family, t_cfg["vocab_size"], path)
-    scheduler = {**SCHEDULER, "prediction_type": pred}
+    scheduler = {**SD_SCHEDULER, "prediction_type": pred}
     return Checkpoint(
         text_encoder.eval().requires_grad_(False),
         unet.eval().requires_grad_(False),

@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from diffrt.bundle import SD_SCHEDULER
+
 Flavour = Literal["sd1", "sd2"]
 
 # A small BPE vocabulary in CLIP's format: byte-level base symbols, their word-final forms, a few merges.
@@ -76,19 +78,10 @@ def write_clip_tokenizer(folder: Path, pad: str) -> None:
 
 
 def _scheduler_config(flavour: Flavour) -> dict:
-    common = {
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "clip_sample": False,
-        "trained_betas": None,
-    }
     if flavour == "sd1":
-        return {"_class_name": "PNDMScheduler", "skip_prk_steps": True, "prediction_type": "epsilon", **common}
-    return {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction", **common}
+        return dict(SD_SCHEDULER)
+    ddim = {k: v for k, v in SD_SCHEDULER.items() if k != "skip_prk_steps"}
+    return {**ddim, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
 
 
 def build_sd(folder: Path, flavour: Flavour = "sd1", seed: int = 0, *, sample_size: int = 8) -> Path:

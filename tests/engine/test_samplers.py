@@ -27,6 +27,7 @@ from diffusers.schedulers import (  # noqa: E402
     scheduling_unipc_multistep,
 )
 
+from diffrt.bundle import SD_SCHEDULER
 from diffrt.engine.samplers import SAMPLERS, resolve_sampler, run_sampler  # noqa: E402
 from diffrt.engine.schedules import make_schedule  # noqa: E402
 from diffrt.errors import BadInput  # noqa: E402
@@ -49,16 +50,7 @@ DIFFUSERS = {  # sampler -> (diffusers class, from_config overrides the name imp
     "unipc": (scheduling_unipc_multistep.UniPCMultistepScheduler, {}),
     "lcm": (scheduling_lcm.LCMScheduler, {}),
 }
-_SD = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "trained_betas": None,
-}
+_SD = {k: v for k, v in SD_SCHEDULER.items() if k not in ("_class_name", "skip_prk_steps", "prediction_type")}
 SD1 = {"_class_name": "PNDMScheduler", "skip_prk_steps": True, "prediction_type": "epsilon", **_SD}
 SD2 = {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction", "skip_prk_steps": True, **_SD}
 CONFIGS = {
