@@ -1,8 +1,7 @@
 """Host time per model call of every sampler, outside the model: sampler math plus the denoiser wrapper.
 
 The "network" and the step noise are precomputed arrays, so what is timed is diffrt's NumPy work between UNet
-calls at
-SD 512x512 latent size (B x 4 x 64 x 64, float32), schedule construction included. Median over runs.
+calls at SD 512x512 latent size (B x 4 x 64 x 64, float32), schedule construction included. Median over runs.
 Target: <= 0.2 ms per step.
 
     python benchmarks/sampler_overhead.py [--steps 30] [--runs 15]
