@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[export,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[export,serve,test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

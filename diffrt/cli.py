@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     from diffrt.engine.trt_cli import add_build_parser
 
     add_build_parser(sub)
+
+    from diffrt.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -1,4 +1,9 @@
-"""Tiny seeded ESRGAN-family upscaler checkpoints as files, in the layouts people download."""
+"""Tiny seeded ESRGAN-family upscaler checkpoints as files, in the key layouts people download.
+
+The networks are spandrel's own architecture classes at toy sizes (8 features, 1 RRDB / 2 convs); spandrel's
+RRDB fixes the grow channels at 32, so a tiny RRDBNet still has ~0.2M parameters, enough to export in seconds.
+Weights get seeded noise on top of the init so outputs are neither trivial nor shared between seeds.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +16,24 @@ from safetensors.torch import save_file
 
 def _perturbed(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in module.state_dict().items()}
+    return {k: (v + 0.05 * torch.randn(v.shape, generator=g)).contiguous() for k, v in module.state_dict().items()}
 
 
-def esrgan_old_state(scale: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Old ESRGAN layout (`model.0.weight`, `model.1.sub.0.RDB1.conv1.0.weight`, ...), 8 features, 1 block."""
+def esrgan_old_state(scale: int = 4, seed: int = 0, in_nc: int = 3) -> dict[str, torch.Tensor]:
+    """Old ESRGAN layout (`model.0.weight`, `model.1.sub.0.RDB1.conv1.0.weight`, ...), 8 features, 1 block.
+
+    scale is the network's own upsampling (1, 2, 4, 8); in_nc 12 or 48 is Real-ESRGAN's pixel-unshuffled input.
+    """
     from spandrel.architectures.ESRGAN import ESRGAN
 
     torch.manual_seed(seed)
-    return _perturbed(ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale), seed)
+    return _perturbed(ESRGAN(in_nc=in_nc, out_nc=3, num_filters=8, num_blocks=1, scale=scale), seed)
 
 
 def to_basicsr_layout(old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename old-layout x4 RRDBNet keys to BasicSR/Real-ESRGAN's (`conv_first`, `body.0.rdb1.conv1`, ...)."""
-    blocks = 1 + max(int(m.group(1)) for k in old if (m := re.match(r"model\.1\.sub\.(\d+)\.RDB", k)))
+    """Rename x4 old-layout keys to BasicSR/Real-ESRGAN's (`conv_first`, `body.0.rdb1.conv1`, `conv_up1`, ...)."""
+    blocks = 1 + max(int(m[1]) for k in old if (m := re.match(r"model\.1\.sub\.(\d+)\.RDB", k)))
+    # Sequential indices of an x4 RRDBNet: conv, trunk, (upsample, conv, act) x2, hr conv, act, last conv.
     fixed = {
         "model.0": "conv_first",
         f"model.1.sub.{blocks}": "conv_body",
@@ -43,26 +52,31 @@ def to_basicsr_layout(old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return new
 
 
-def build_esrgan_old(path: Path, seed: int = 0) -> Path:
-    """x4 ESRGAN, old key layout, saved as a plain-state-dict .pth."""
-    torch.save(esrgan_old_state(4, seed), path)
-    return path
+def build_esrgan_old(path: Path, scale: int = 4, seed: int = 0) -> Path:
+    """ESRGAN x`scale` in the old key layout, saved with torch.save as a plain-state-dict .pth."""
+    torch.save(esrgan_old_state(scale, seed), path)
+    return Path(path)
 
 
-def build_esrgan_new(path: Path, seed: int = 0) -> Path:
-    """x4 RRDBNet in BasicSR's key layout: .safetensors, or .pth wrapped in {"params_ema": ...}."""
-    state = to_basicsr_layout(esrgan_old_state(4, seed))
+def build_esrgan_new(path: Path, scale: int = 4, seed: int = 0) -> Path:
+    """RRDBNet in BasicSR's key layout: `.safetensors`, or `.pth` wrapped in {"params_ema": ...}.
+
+    Like Real-ESRGAN's released x2/x1 models, scale 2 and 1 are an x4 network behind a pixel-unshuffle by 2
+    or 4 (12 or 48 input channels); spandrel recognises them from the first conv's input channels.
+    """
+    factor = {4: 1, 2: 2, 1: 4}[scale]
+    state = to_basicsr_layout(esrgan_old_state(4, seed, in_nc=3 * factor * factor))
     if Path(path).suffix == ".safetensors":
         save_file(state, str(path))
     else:
         torch.save({"params_ema": state}, path)
-    return path
+    return Path(path)
 
 
 def build_compact(path: Path, scale: int = 4, seed: int = 0) -> Path:
-    """Real-ESRGAN Compact (SRVGGNetCompact), 8 features, 2 convs, as .safetensors."""
+    """Real-ESRGAN Compact (SRVGGNetCompact), 8 features, 2 convs, as `.safetensors`."""
     from spandrel.architectures.Compact import Compact
 
     torch.manual_seed(seed)
     save_file(_perturbed(Compact(num_feat=8, num_conv=2, upscale=scale), seed), str(path))
-    return path
+    return Path(path)

@@ -1,0 +1,335 @@
+"""FastAPI app for `diffrt serve`: one process, one Pipeline, an in-process micro-batcher.
+
+`create_app(settings)` returns the ASGI app. The bundle loads (and a warm-up image is generated) in the
+background after start-up: /healthz answers at once, /readyz only once the engine can serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import PngImagePlugin
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from diffrt.engine.images import parameters_text
+from diffrt.engine.samplers import resolve_sampler
+from diffrt.errors import BadInput
+from diffrt.serve.batcher import Batcher, GenSettings, JobResult, QueueFull
+
+log = logging.getLogger(__name__)
+
+IMAGES_PATH = "/v1/images"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # echo only ids that are safe in headers and logs
+
+
+@dataclass
+class ServeSettings:
+    bundle: str = ""
+    backend: str = "auto"
+    threads: int = 0
+    max_batch: int = 4  # images per pipeline call (capped at the bundle's batch range)
+    batch_wait_ms: float = 10.0  # how long the oldest request waits for partners
+    max_queue: int = 64  # requests waiting for the engine (not counting the batch running); more -> 429
+    timeout_s: float = 300.0  # queue wait + generation; longer -> 504
+    max_body_bytes: int = 64 * 1024
+
+
+class ImageRequest(BaseModel):
+    """POST /v1/images. Strict: "10" is not 10, unknown fields are errors (a typo must not be ignored)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, description="non-empty; over 77 tokens is truncated with a warning")
+    negative_prompt: str | None = None
+    num_inference_steps: int = Field(30, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0, le=30, allow_inf_nan=False)
+    scheduler: str = Field("dpmpp_2m_karras", description="short, diffusers class or A1111 sampler name")
+    width: int | None = Field(None, ge=1, le=8192, description="default: the checkpoint's native size")
+    height: int | None = Field(None, ge=1, le=8192)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    num_images: int = Field(1, ge=1, le=64, description="at most the bundle's images per call")
+    upscale: bool = True
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be blank")
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _sampler(cls, v: str) -> str:
+        try:
+            return resolve_sampler(v)
+        except BadInput as e:
+            raise ValueError(str(e)) from None
+
+
+class Metrics:
+    """Prometheus metrics on a registry of the app's own, so several apps can live in one process (tests)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("diffrt_requests_total", "POST /v1/images answers by status code", ["code"], registry=r)
+        self.latency = Histogram(
+            "diffrt_request_seconds",
+            "POST /v1/images latency, end to end",
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.queue_wait = Histogram(
+            "diffrt_queue_wait_seconds",
+            "time from admission to the engine",
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.stage_seconds = Histogram(
+            "diffrt_stage_seconds",
+            "pipeline stage time per engine call",
+            ["stage"],
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.queue_depth = Gauge("diffrt_queue_depth", "requests waiting for the engine", registry=r)
+        self.batch_images = Histogram(
+            "diffrt_batch_images", "images per engine call", registry=r, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+        )
+        self.images = Counter("diffrt_images_generated_total", "images generated for requests", registry=r)
+        self.dropped = Counter(
+            "diffrt_requests_dropped_total", "admitted requests that never reached the engine", ["reason"], registry=r
+        )
+        self.ready = Gauge("diffrt_ready", "1 once the bundle is loaded and warmed up", registry=r)
+
+
+def _error(
+    status: int, message: str, field: str | None = None, headers: dict | None = None, errors: list | None = None
+) -> JSONResponse:
+    body: dict[str, Any] = {"detail": message}
+    if field:
+        body["field"] = field
+    if errors:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_error(e: ValidationError) -> JSONResponse:
+    errors = [{"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]} for err in e.errors()]
+    status = 400 if any(err["type"] == "json_invalid" for err in e.errors()) else 422
+    first = errors[0]
+    return _error(status, f"{first['field']}: {first['message']}", first["field"], errors=errors)
+
+
+_FIELDS = (
+    "num_inference_steps",
+    "guidance_scale",
+    "num_images",
+    "negative_prompt",
+    "prompt",
+    "scheduler",
+    "height",
+    "width",
+    "seed",
+)
+
+
+def _field_of(message: str) -> str | None:
+    """BadInput messages start with (or name) the offending argument, e.g. 'width=65 must be a multiple of 8'."""
+    hits = [(message.find(f), f) for f in _FIELDS if f in message]
+    return min(hits)[1] if hits else None
+
+
+def _png(image, text: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+class RequestIdAndMetrics:
+    """Pure ASGI middleware (no BaseHTTPMiddleware: it wraps `receive`, which hides client disconnects):
+    echoes or makes X-Request-ID on every response and counts /v1/images answers by status code."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        start, counted = time.perf_counter(), scope["path"] == IMAGES_PATH
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                if counted:
+                    self.metrics.requests.labels(code=str(message["status"])).inc()
+                    self.metrics.latency.observe(time.perf_counter() - start)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it is over `limit` (checked before reading it all, and again while reading)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(settings: ServeSettings, loader: Callable[[], Any] | None = None) -> FastAPI:
+    """`loader()` returns the Pipeline (default: Pipeline.load(settings.bundle, ...)); tests pass their own."""
+    metrics = Metrics()
+    batcher = Batcher(settings.max_batch, settings.batch_wait_ms / 1000, settings.max_queue, metrics)
+    state: dict[str, Any] = {"ready": False, "error": None}
+
+    def load() -> Any:
+        if loader is not None:
+            return loader()
+        from diffrt.engine.pipeline import Pipeline
+
+        return Pipeline.load(settings.bundle, backend=settings.backend, threads=settings.threads)
+
+    async def start_engine() -> None:
+        try:
+            t0 = time.perf_counter()
+            pipe = await batcher.run_in_engine(load)
+            batcher.set_pipeline(pipe)
+            # One real generation: first calls allocate buffers, build CUDA graphs / pick kernels.
+            await batcher.run_in_engine(lambda: pipe("warm-up", num_inference_steps=1, upscale=True))
+            state["ready"] = True
+            metrics.ready.set(1)
+            log.info("ready in %.1f s (max batch %d images)", time.perf_counter() - t0, batcher.max_batch)
+        except Exception as e:
+            state["error"] = f"{type(e).__name__}: {e}"
+            log.exception("loading the bundle failed; /readyz stays 503")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        loading = asyncio.create_task(start_engine())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await batcher.stop()
+
+    app = FastAPI(title="diffrt", summary="Stable Diffusion images from a diffrt bundle", lifespan=lifespan)
+    app.state.batcher, app.state.metrics, app.state.serve = batcher, metrics, state
+    app.add_middleware(RequestIdAndMetrics, metrics=metrics)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if state["ready"]:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse(
+            {"status": "loading" if not state["error"] else "failed", "error": state["error"]}, status_code=503
+        )
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.queue_depth.set(batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    schema = ImageRequest.model_json_schema()
+
+    @app.post(
+        IMAGES_PATH,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
+        responses={
+            200: {
+                "content": {"image/png": {}, "application/json": {}},
+                "description": "PNG (Accept: image/png) or JSON with base64 PNGs",
+            }
+        },
+    )
+    async def images(request: Request) -> Response:
+        """Generate images. `Accept: image/png` answers the first image as a PNG; otherwise JSON."""
+        # The body is read and validated by hand: the size cap must apply before parsing, and errors name
+        # the field in one consistent shape.
+        body = await _read_body(request, settings.max_body_bytes)
+        if body is None:
+            return _error(413, f"request body is over {settings.max_body_bytes} bytes", "body")
+        try:
+            req = ImageRequest.model_validate_json(body)
+        except ValidationError as e:
+            return _validation_error(e)
+        if not state["ready"]:
+            return _error(503, "the model is still loading", headers={"Retry-After": "5"})
+        pipe = batcher.pipeline
+        model = pipe.manifest.model
+        gen = GenSettings(
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            num_inference_steps=req.num_inference_steps,
+            guidance_scale=float(req.guidance_scale),
+            scheduler=req.scheduler,
+            width=req.width or model.default_size,
+            height=req.height or model.default_size,
+            seed=req.seed,
+            num_images=req.num_images,
+            upscale=req.upscale,
+        )
+        try:
+            # Size and count limits depend on the bundle: check them before queueing so a bad request is
+            # answered at once and never joins a batch. (_check has no side effects.) Should its signature
+            # change, the batcher still isolates a bad request by re-running a refused batch one by one.
+            pipe._check(gen.num_inference_steps, gen.guidance_scale, gen.height, gen.width, gen.num_images, None, "pil")
+        except BadInput as e:
+            return _error(422, str(e), _field_of(str(e)))
+        except (AttributeError, TypeError):
+            log.debug("Pipeline._check unavailable; bundle limits are checked by the engine")
+        try:
+            job = batcher.submit(gen, request.is_disconnected)
+        except QueueFull as e:
+            return _error(429, f"{e}; retry later", headers={"Retry-After": "1"})
+        try:
+            result: JobResult = await asyncio.wait_for(asyncio.shield(job.future), settings.timeout_s)
+        except asyncio.TimeoutError:
+            batcher.withdraw(job, "timeout")
+            return _error(504, f"not finished within {settings.timeout_s:g} s")
+        except asyncio.CancelledError:
+            batcher.withdraw(job, "cancelled")
+            raise
+        except BadInput as e:
+            return _error(422, str(e), _field_of(str(e)))
+        except Exception as e:  # noqa: BLE001 - the engine failed (NonFiniteOutput, backend errors)
+            log.error("request %s failed: %s: %s", request.scope["state"]["request_id"], type(e).__name__, e)
+            return _error(500, f"{type(e).__name__}: {e}")
+        headers = {"X-Batch-Images": str(result.batch_images)}
+        text = parameters_text(req.prompt, req.negative_prompt, result.parameters)
+        if "image/png" in request.headers.get("accept", ""):
+            return Response(_png(result.images[0], text), media_type="image/png", headers=headers)
+        encoded = [base64.b64encode(_png(im, text)).decode("ascii") for im in result.images]
+        timings = {k: round(v, 6) for k, v in result.timings.items() if math.isfinite(v)}
+        return JSONResponse({"images": encoded, "parameters": result.parameters, "timings": timings}, headers=headers)
+
+    return app

@@ -1,0 +1,281 @@
+"""In-process micro-batcher: one engine thread owns the Pipeline; compatible requests share one call.
+
+Threading: the event loop only queues jobs and resolves futures; every Pipeline call (load, warm-up, batches)
+runs on the batcher's single worker thread, so the loop stays free and the Pipeline's lock is never contended.
+Futures are resolved on the loop thread (asyncio futures are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from diffrt.engine.samplers import STOCHASTIC
+from diffrt.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The bounded queue is full; the caller should answer 429."""
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    """One request's generation settings, already validated and normalised (scheduler = short name)."""
+
+    prompt: str
+    negative_prompt: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: str
+    width: int
+    height: int
+    seed: int
+    num_images: int
+    upscale: bool
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call. Stochastic samplers draw step noise from the
+        call's single seed, so a batch would change their images: they get a key of their own (never batch)."""
+        key = (
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.scheduler,
+            self.guidance_scale,
+            self.upscale,
+            self.negative_prompt or "",
+        )
+        return key if self.scheduler not in STOCHASTIC else (id(self), *key)
+
+
+@dataclass
+class JobResult:
+    images: list  # PIL images, this request's own
+    parameters: dict
+    timings: dict[str, float]  # the whole batch's stage timings
+    batch_images: int  # images in the pipeline call that produced these
+
+
+@dataclass
+class Job:
+    settings: GenSettings
+    future: asyncio.Future
+    is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Bounded FIFO of jobs, dispatched in compatible groups of up to `max_batch` images to one engine thread."""
+
+    def __init__(self, max_batch: int, batch_wait_s: float, max_queue: int, metrics: Any = None):
+        self.max_batch, self.batch_wait_s, self.max_queue = max(1, max_batch), max(0.0, batch_wait_s), max_queue
+        self.metrics = metrics
+        self.pipeline: Any = None  # set by load(); owned by the engine thread from then on
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffrt-engine")
+        self._pending: deque[Job] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    # --- engine thread -------------------------------------------------------------------------------------
+    async def run_in_engine(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread (loading and warm-up go here too, so they never race a batch)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def set_pipeline(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        vae = pipeline.manifest.components["vae_decoder"].spec
+        bundle_max = vae.dim_ranges["batch"].max
+        if self.max_batch > bundle_max:
+            log.info(
+                "max batch %d > this bundle's %d images per call: using %d", self.max_batch, bundle_max, bundle_max
+            )
+            self.max_batch = bundle_max
+
+    # --- loop side ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._dispatch_forever(), name="diffrt-batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in self._pending:
+            job.future.cancel()
+        self._pending.clear()
+        # Don't wait for a running generation: shutdown should not hang on a long request.
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def submit(self, settings: GenSettings, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> Job:
+        """Queue a job (raises QueueFull). The caller awaits `job.future` and cancels it to withdraw."""
+        if len(self._pending) >= self.max_queue:
+            raise QueueFull(f"queue is full ({self.max_queue} waiting)")
+        job = Job(settings, asyncio.get_running_loop().create_future(), is_disconnected)
+        self._pending.append(job)
+        self._gauge()
+        assert self._wakeup is not None, "Batcher.start() was not called"
+        self._wakeup.set()
+        return job
+
+    def withdraw(self, job: Job, reason: str) -> None:
+        """The caller gave up (timeout, cancellation): free its queue slot now rather than at dispatch."""
+        if job.future.done():
+            return
+        job.future.cancel()
+        try:
+            self._pending.remove(job)
+        except ValueError:
+            return  # already taken by the engine: its result will be discarded
+        self._gauge()
+        if self.metrics:
+            self.metrics.dropped.labels(reason=reason).inc()
+
+    def _gauge(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(len(self._pending))
+
+    def _fitting(self, head: Job) -> list[Job]:
+        """Head first, then later compatible jobs in order, while they fit in max_batch images."""
+        key, total, out = head.settings.batch_key(), head.settings.num_images, [head]
+        for job in self._pending:
+            if job is head or job.settings.batch_key() != key:
+                continue
+            if total + job.settings.num_images <= self.max_batch:
+                out.append(job)
+                total += job.settings.num_images
+        return out
+
+    async def _dispatch_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            head = self._pending[0]
+            # Wait for partners only until batch_wait after the head arrived: under load the head has already
+            # waited for the engine, so it leaves at once.
+            deadline = head.enqueued + self.batch_wait_s
+            while sum(j.settings.num_images for j in self._fitting(head)) < self.max_batch:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            if head.future.done():  # withdrawn (timeout) while we waited
+                self._pending.remove(head)
+                self._gauge()
+                continue
+            jobs = self._fitting(head)
+            for job in jobs:
+                self._pending.remove(job)
+            self._gauge()
+            live = [job for job in jobs if await self._still_wanted(job)]
+            if not live:
+                continue
+            started = time.perf_counter()
+            if self.metrics:
+                for job in live:
+                    self.metrics.queue_wait.observe(started - job.enqueued)
+            try:
+                results = await loop.run_in_executor(self._executor, self._run, [j.settings for j in live])
+            except Exception as e:  # noqa: BLE001 - the executor itself failed (e.g. shut down)
+                results = [e] * len(live)
+            for job, result in zip(live, results):
+                if job.future.done():  # timed out while running: the answer has gone already
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+
+    async def _still_wanted(self, job: Job) -> bool:
+        """Drop jobs whose caller gave up (timeout, cancellation) or whose client went away."""
+        reason = None
+        if job.future.done():
+            reason = "cancelled"
+        elif job.is_disconnected is not None and await job.is_disconnected():
+            reason = "disconnected"
+            job.future.cancel()
+        if reason:
+            log.info("dropped a queued request before the engine: %s", reason)
+            if self.metrics:
+                self.metrics.dropped.labels(reason=reason).inc()
+            return False
+        return True
+
+    # --- engine thread -------------------------------------------------------------------------------------
+    def _run(self, group: list[GenSettings]) -> list[JobResult | BaseException]:
+        try:
+            return self._run_group(group)
+        except BadInput as e:
+            if len(group) == 1:
+                return [e]
+            # One bad request must not fail its batch-mates: run each alone.
+            log.info("batched call refused (%s); running its %d requests one by one", e, len(group))
+            return [r for s in group for r in self._run([s])]
+        except Exception as e:  # noqa: BLE001 - handed to the request's future, logged by the app
+            return [e] * len(group)
+
+    def _run_group(self, group: list[GenSettings]) -> list[JobResult]:
+        s0, pipe = group[0], self.pipeline
+        total = sum(s.num_images for s in group)
+        kwargs = dict(
+            negative_prompt=s0.negative_prompt,
+            num_inference_steps=s0.num_inference_steps,
+            guidance_scale=s0.guidance_scale,
+            scheduler=s0.scheduler,
+            height=s0.height,
+            width=s0.width,
+            upscale=s0.upscale,
+            output_type="pil",
+        )
+        if len(group) == 1:
+            out = pipe(s0.prompt, num_images=s0.num_images, seed=s0.seed, **kwargs)
+        else:
+            # Each request's own starting noise, drawn exactly as a lone call would draw it, so batching does
+            # not change anyone's image (only deterministic samplers reach here; see GenSettings.batch_key).
+            m = pipe.manifest.model
+            f, c = m.vae_scale_factor, m.latent_channels
+            latents = np.concatenate(
+                [
+                    np.random.default_rng(s.seed).standard_normal(
+                        (s.num_images, c, s.height // f, s.width // f), dtype=np.float32
+                    )
+                    for s in group
+                ]
+            )
+            prompts = [s.prompt for s in group for _ in range(s.num_images)]
+            out = pipe(prompts, num_images=total, seed=s0.seed, latents=latents, **kwargs)
+        if self.metrics:
+            self.metrics.batch_images.observe(total)
+            self.metrics.images.inc(total)
+            for stage, seconds in out.timings.items():
+                self.metrics.stage_seconds.labels(stage=stage).observe(seconds)
+        results, i = [], 0
+        for s in group:
+            params = {**out.parameters, "prompt": s.prompt, "seed": s.seed, "num_images": s.num_images}
+            results.append(JobResult(out.images[i : i + s.num_images], params, dict(out.timings), total))
+            i += s.num_images
+        return results
