@@ -36,11 +36,12 @@ class LoadedUpscaler:
 
 
 class Unshuffled(torch.nn.Module):
-    """Real-ESRGAN x1/x2: pixel-unshuffle, then the x4 (or x2) RRDBNet body; input sides a multiple of `factor`.
+    """Real-ESRGAN x2 / x1: pixel-unshuffle by `factor` (2 / 4), then spandrel's x4 RRDBNet layers.
 
-    spandrel's forward pads to the multiple behind a Python `if` and crops afterwards; a trace bakes in the
-    branch it took at the traced size, so the graph would fail (or mis-pad) at other sizes. Here the caller
-    pads instead (the tiler does, by reflection), and the graph has no size-dependent control flow.
+    spandrel's forward pads to the multiple behind a Python `if` and crops afterwards. The TorchScript tracer
+    keeps only the branch taken at the traced size: traced at a multiple, the graph has no padding and fails on
+    other sides. Here the caller pads (the tiler does, by reflection) and the graph has no shape-dependent
+    branch; input sides must be multiples of `factor`.
     """
 
     def __init__(self, body: torch.nn.Module, factor: int):
