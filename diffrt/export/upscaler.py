@@ -65,6 +65,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BadInput(f"upscaler {path} does not exist; pass a .pth or .safetensors ESRGAN-family file")
     suffix = path.suffix.lower()
+    if suffix == ".param":  # an ncnn model: text graph + weights in the .bin of the same name
+        from diffrt.export.ncnn import load_ncnn_state_dict
+
+        return load_ncnn_state_dict(path)
     if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
         raise BadInput(f"upscaler {path}: unknown file type {suffix!r}; pass a .safetensors or .pth file")
     if path.stat().st_size == 0:
