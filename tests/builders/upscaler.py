@@ -80,3 +80,23 @@ def build_compact(path: Path, scale: int = 4, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     save_file(_perturbed(Compact(num_feat=8, num_conv=2, upscale=scale), seed), str(path))
     return Path(path)
+
+
+def onnx_session(module: torch.nn.Module, trace: tuple[int, int] = (32, 32)):
+    """An onnxruntime session of `module` exported with dynamic batch/height/width, traced at `trace`."""
+    import io
+
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    torch.onnx.export(
+        module,
+        (torch.rand(1, 3, *trace),),
+        buf,
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["upscaled"],
+        dynamic_axes={"image": {0: "b", 2: "h", 3: "w"}, "upscaled": {0: "b", 2: "oh", 3: "ow"}},
+    )
+    return ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])

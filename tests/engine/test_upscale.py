@@ -4,17 +4,15 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import io  # noqa: E402
 
 import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from diffrt import Pipeline  # noqa: E402
 from diffrt.engine.upscale import axis_weights, tile_starts, upscale_tiled  # noqa: E402
 from diffrt.export.upscaler import load_upscaler  # noqa: E402
-from tests.builders.upscaler import build_compact, build_esrgan_new, build_esrgan_old  # noqa: E402
+from tests.builders.upscaler import build_compact, build_esrgan_new, build_esrgan_old, onnx_session  # noqa: E402
 
 # Tiled vs whole-image, max |difference| on a [0, 1] image: 2e-3, half an 8-bit level. (Measured on the tiny
 # ESRGAN: ~1e-3 at overlap 8 and ~2e-5 at 16; tiles butted edge to edge are off by ~0.14.)
@@ -94,18 +92,7 @@ def test_the_seam_check_catches_butted_tiles(esrgan):
 
 def onnx_runner(module, seen):
     """The module exported with dynamic height/width and run in onnxruntime, as the runtime does."""
-    buf = io.BytesIO()
-    torch.onnx.export(
-        module,
-        (torch.rand(1, 3, 32, 32),),
-        buf,
-        dynamo=False,
-        opset_version=17,
-        input_names=["image"],
-        output_names=["upscaled"],
-        dynamic_axes={"image": {0: "b", 2: "h", 3: "w"}, "upscaled": {0: "b", 2: "oh", 3: "ow"}},
-    )
-    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    session = onnx_session(module, (32, 32))
 
     def run(x: np.ndarray) -> np.ndarray:
         seen.append(x.shape)

@@ -4,11 +4,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import io  # noqa: E402
 import pickle  # noqa: E402
 
 import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -20,6 +18,7 @@ from tests.builders.upscaler import (  # noqa: E402
     build_esrgan_new,
     build_esrgan_old,
     esrgan_old_state,
+    onnx_session,
     to_basicsr_layout,
 )
 
@@ -27,18 +26,7 @@ from tests.builders.upscaler import (  # noqa: E402
 def export_check(module: torch.nn.Module, trace: tuple[int, int], sizes: list[tuple[int, int, int]]) -> float:
     """Export with dynamic batch/height/width (TorchScript exporter, opset 17) traced at `trace`; return the
     largest |onnxruntime - torch| over inputs of shape (batch, 3, h, w) for each (batch, h, w) in `sizes`."""
-    buf = io.BytesIO()
-    torch.onnx.export(
-        module,
-        (torch.rand(1, 3, *trace),),
-        buf,
-        dynamo=False,
-        opset_version=17,
-        input_names=["image"],
-        output_names=["upscaled"],
-        dynamic_axes={"image": {0: "b", 2: "h", 3: "w"}, "upscaled": {0: "b", 2: "oh", 3: "ow"}},
-    )
-    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    session = onnx_session(module, trace)
     worst = 0.0
     for i, (b, h, w) in enumerate(sizes):
         x = torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(i))
