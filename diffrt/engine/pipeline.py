@@ -124,6 +124,9 @@ class Pipeline:
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         if len(prompts) != num_images:
             raise BadInput(f"got {len(prompts)} prompts for num_images={num_images}; pass one prompt or one each")
+        if upscale and not self.has_upscaler and not self._warned_no_upscaler:
+            log.info("bundle has no upscaler: images stay at %dx%d", width, height)
+            self._warned_no_upscaler = True
         timings: dict[str, float] = {}
         cfg = guidance > 1.0  # at <= 1 the unconditional half changes nothing: skip it
 
@@ -185,9 +188,6 @@ class Pipeline:
             images = np.clip(images, 0.0, 1.0)
             timings["upscaler"] = time.perf_counter() - t0
             upscaled = f"{info.architecture} x{info.scale}"
-        elif upscale and not self._warned_no_upscaler:
-            log.info("bundle has no upscaler: returning images at %dx%d", width, height)
-            self._warned_no_upscaler = True
         timings["total"] = time.perf_counter() - start
 
         out = to_hwc(images)
