@@ -77,10 +77,34 @@ class Pipeline:
         callback: Callable[[int, int], None] | None = None,
     ) -> PipelineOutput:
         with self._lock:
-            return self._generate(prompt, negative_prompt, num_inference_steps, guidance_scale, scheduler,
-                                  height, width, num_images, seed, latents, upscale, output_type, callback)
+            return self._generate(
+                prompt,
+                negative_prompt,
+                num_inference_steps,
+                guidance_scale,
+                scheduler,
+                height,
+                width,
+                num_images,
+                seed,
+                latents,
+                upscale,
+                output_type,
+                callback,
+            )
 
-    def _check(self, steps, guidance, height, width, num_images, latents, output_type) -> tuple[int, int]:
+    def check_request(
+        self,
+        steps: int,
+        guidance: float,
+        height: int | None,
+        width: int | None,
+        num_images: int,
+        latents: np.ndarray | None = None,
+        output_type: str = "pil",
+    ) -> tuple[int, int]:
+        """Raise BadInput for settings this bundle cannot serve; return (height, width) with defaults filled.
+        Cheap: services call it to refuse a request before queueing it."""
         m = self.manifest.model
         height = height or m.default_size
         width = width or m.default_size
@@ -93,8 +117,10 @@ class Pipeline:
         vae_spec = self.manifest.components["vae_decoder"].spec
         max_images = vae_spec.dim_ranges["batch"].max
         if num_images > max_images:
-            raise BadInput(f"num_images={num_images} is more than this bundle's {max_images} per call; "
-                           "make several calls or re-export")
+            raise BadInput(
+                f"num_images={num_images} is more than this bundle's {max_images} per call; "
+                "make several calls or re-export"
+            )
         f = m.vae_scale_factor
         unet_spec = self.manifest.components["unet"].spec
         mult = f * dict(unet_spec.multiples).get("latent_height", 1)
@@ -105,8 +131,10 @@ class Pipeline:
             if v % mult:
                 raise BadInput(f"{side}={v} must be a multiple of {mult} for this checkpoint's UNet")
             if not lat.min * f <= v <= lat.max * f:
-                raise BadInput(f"{side}={v} is outside this bundle's range [{lat.min * f}, {lat.max * f}]; "
-                               "choose a size in range or re-export with --image-range")
+                raise BadInput(
+                    f"{side}={v} is outside this bundle's range [{lat.min * f}, {lat.max * f}]; "
+                    "choose a size in range or re-export with --image-range"
+                )
         if latents is not None:
             want = (num_images, m.latent_channels, height // f, width // f)
             if not isinstance(latents, np.ndarray) or latents.shape != want or latents.dtype != np.float32:
@@ -116,11 +144,25 @@ class Pipeline:
             raise BadInput(f"output_type must be 'pil' or 'np', got {output_type!r}")
         return height, width
 
-    def _generate(self, prompt, negative_prompt, steps, guidance, scheduler, height, width, num_images, seed,
-                  latents, upscale, output_type, callback) -> PipelineOutput:
+    def _generate(
+        self,
+        prompt,
+        negative_prompt,
+        steps,
+        guidance,
+        scheduler,
+        height,
+        width,
+        num_images,
+        seed,
+        latents,
+        upscale,
+        output_type,
+        callback,
+    ) -> PipelineOutput:
         start = time.perf_counter()
         scheduler = resolve_sampler(scheduler)
-        height, width = self._check(steps, guidance, height, width, num_images, latents, output_type)
+        height, width = self.check_request(steps, guidance, height, width, num_images, latents, output_type)
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         if len(prompts) != num_images:
             raise BadInput(f"got {len(prompts)} prompts for num_images={num_images}; pass one prompt or one each")
@@ -148,8 +190,9 @@ class Pipeline:
         def eps_fn(x_in: np.ndarray, t: float) -> np.ndarray:
             sample = np.concatenate([x_in, x_in]) if cfg else x_in  # (2B|B, C, h, w)
             t1 = time.perf_counter()
-            out = unet.run({"sample": sample, "timestep": np.full((batch,), t, np.float32),
-                            "encoder_hidden_states": context})["noise_pred"]
+            out = unet.run(
+                {"sample": sample, "timestep": np.full((batch,), t, np.float32), "encoder_hidden_states": context}
+            )["noise_pred"]
             unet_times.append(time.perf_counter() - t1)
             if not cfg:
                 return out
@@ -160,20 +203,25 @@ class Pipeline:
             return rng.standard_normal(shape, dtype=np.float32)
 
         t0 = time.perf_counter()
-        latents = run_sampler(scheduler, eps_fn, latents, self.manifest.scheduler, steps, noise=noise,
-                              callback=callback)
+        latents = run_sampler(
+            scheduler, eps_fn, latents, self.manifest.scheduler, steps, noise=noise, callback=callback
+        )
         timings["denoise"] = time.perf_counter() - t0  # the whole loop: UNet calls + sampler/CFG host work
         timings["unet"] = sum(unet_times)
         if not np.isfinite(latents).all():
-            raise NonFiniteOutput("unet produced NaN/inf latents; with FP16 engines try the FP32 bundle or a "
-                                  "lower guidance_scale, and report the checkpoint")
+            raise NonFiniteOutput(
+                "unet produced NaN/inf latents; with FP16 engines try the FP32 bundle or a "
+                "lower guidance_scale, and report the checkpoint"
+            )
 
         t0 = time.perf_counter()
         decoded = self.sessions["vae_decoder"].run({"latent": latents / self.manifest.model.scaling_factor})["image"]
         timings["vae_decoder"] = time.perf_counter() - t0
         if not np.isfinite(decoded).all():
-            raise NonFiniteOutput("vae_decoder produced NaN/inf pixels; FP16 VAE overflow — use the FP32 bundle "
-                                  "(ort-cpu) or a VAE with FP32 islands")
+            raise NonFiniteOutput(
+                "vae_decoder produced NaN/inf pixels; FP16 VAE overflow — use the FP32 bundle "
+                "(ort-cpu) or a VAE with FP32 islands"
+            )
         images = np.clip(decoded / 2 + 0.5, 0.0, 1.0)  # (B, 3, H, W)
 
         upscaled = None
@@ -183,8 +231,14 @@ class Pipeline:
             info = self.manifest.upscaler
             session = self.sessions["upscaler"]
             t0 = time.perf_counter()
-            images = upscale_tiled(lambda tile: session.run({"image": tile})["upscaled"], images, info.scale,
-                                   tile=info.tile, overlap=info.overlap, size_multiple=info.size_multiple)
+            images = upscale_tiled(
+                lambda tile: session.run({"image": tile})["upscaled"],
+                images,
+                info.scale,
+                tile=info.tile,
+                overlap=info.overlap,
+                size_multiple=info.size_multiple,
+            )
             images = np.clip(images, 0.0, 1.0)
             timings["upscaler"] = time.perf_counter() - t0
             upscaled = f"{info.architecture} x{info.scale}"
@@ -194,9 +248,16 @@ class Pipeline:
         if output_type == "pil":
             out = [to_pil(im) for im in out]
         parameters = {
-            "prompt": prompts[0], "negative_prompt": negative_prompt, "num_inference_steps": steps,
-            "guidance_scale": guidance, "scheduler": scheduler, "height": height, "width": width, "seed": seed,
-            "num_images": num_images, "upscaled": upscaled,
+            "prompt": prompts[0],
+            "negative_prompt": negative_prompt,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "scheduler": scheduler,
+            "height": height,
+            "width": width,
+            "seed": seed,
+            "num_images": num_images,
+            "upscaled": upscaled,
             "model_hash": self.manifest.source.get("sha256", ""),
         }
         return PipelineOutput(out, timings, unet_times, parameters)

@@ -300,13 +300,10 @@ def create_app(settings: ServeSettings, loader: Callable[[], Any] | None = None)
         )
         try:
             # Size and count limits depend on the bundle: check them before queueing so a bad request is
-            # answered at once and never joins a batch. (_check has no side effects.) Should its signature
-            # change, the batcher still isolates a bad request by re-running a refused batch one by one.
-            pipe._check(gen.num_inference_steps, gen.guidance_scale, gen.height, gen.width, gen.num_images, None, "pil")
+            # answered at once and never joins a batch.
+            pipe.check_request(gen.num_inference_steps, gen.guidance_scale, gen.height, gen.width, gen.num_images)
         except BadInput as e:
             return _error(422, str(e), _field_of(str(e)))
-        except (AttributeError, TypeError):
-            log.debug("Pipeline._check unavailable; bundle limits are checked by the engine")
         try:
             job = batcher.submit(gen, request.is_disconnected)
         except QueueFull as e:
