@@ -12,7 +12,8 @@ import torch
 from diffrt.specs import ComponentSpec
 
 log = logging.getLogger(__name__)
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold more than 2 GB: store weights beside the graph above this
+EXTERNAL_DATA_BYTES = 500_000_000  # weights beside the graph above this: protobuf stops at 2 GB, and serialising
+# a big graph in one piece holds a second copy in memory (3.4 GB for the FP16 SD 1.5 UNet)
 
 
 class TextEncoder(torch.nn.Module):
@@ -76,9 +77,14 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: Path, opset:
             optimize=True,
             verbose=False,
         )
-    model = program.model_proto
+    # Save straight from the exporter: it streams weights to disk, where building a ModelProto first would
+    # hold a second copy (SD 1.5 UNet: 4.4 GB peak instead of 7.9 GB). Then rename dims on the graph only.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=None)  # external data only past protobuf's 2 GB
+    del program
+    model = onnx.load(str(path), load_external_data=False)
     name_dims(model, spec)
-    save_onnx(model, path)
+    onnx.save_model(model, str(path))  # weights stay where they are (inline, or in the .data file)
 
 
 def name_dims(model: onnx.ModelProto, spec: ComponentSpec) -> None:
