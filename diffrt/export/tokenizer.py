@@ -38,6 +38,35 @@ def _byte_symbols() -> list[str]:
     return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
 
 
+def word_bpe_files(folder: Path, words: list[str], pad: str, max_length: int = CLIP_MAX_LENGTH) -> None:
+    """Write a small CLIP-format BPE (vocab.json, merges.txt, configs): the byte symbols, their word-final forms,
+    and merges that make each of `words` one token. Other text still tokenizes, byte by byte."""
+    symbols = _byte_symbols()
+    vocab = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    rank: dict[tuple[str, str], int] = {}
+    for word in words:
+        # Merge what BPE (lowest rank first) leaves of the word until it is one token. New merges rank last, so
+        # the words before keep their single tokens.
+        while len(parts := _bpe(list(word[:-1]) + [word[-1] + "</w>"], rank)) > 1:
+            pair = (parts[0], parts[1])
+            rank[pair] = len(merges)
+            merges.append(pair)
+            vocab.append(pair[0] + pair[1])
+    _write_clip_files(folder, list(dict.fromkeys(vocab)), merges, pad, max_length)
+
+
+def _bpe(parts: list[str], rank: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly join the adjacent pair with the lowest merge rank."""
+    while len(parts) > 1:
+        pairs = [(rank.get(p, len(rank)), i) for i, p in enumerate(zip(parts, parts[1:]))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2 :]
+    return parts
+
+
 def clip_bpe_files(folder: Path, pad: str) -> None:
     """Write CLIP's vocab.json/merges.txt (49408 tokens) from the BPE data open-clip-torch ships."""
     spec = importlib.util.find_spec("open_clip")
@@ -51,7 +80,13 @@ def clip_bpe_files(folder: Path, pad: str) -> None:
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     symbols = _byte_symbols()
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    _write_clip_files(folder, vocab, merges, pad)
+
+
+def _write_clip_files(
+    folder: Path, vocab: list[str], merges: list[tuple[str, ...]], pad: str, max_length: int = CLIP_MAX_LENGTH
+) -> None:
+    vocab = vocab + ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
@@ -63,7 +98,7 @@ def clip_bpe_files(folder: Path, pad: str) -> None:
     }
     (folder / "tokenizer_config.json").write_text(
         json.dumps(
-            {"tokenizer_class": "CLIPTokenizer", "model_max_length": CLIP_MAX_LENGTH, "do_lower_case": True, **special}
+            {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True, **special}
         )
     )
     (folder / "special_tokens_map.json").write_text(json.dumps(special))

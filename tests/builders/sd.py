@@ -13,68 +13,17 @@ from typing import Literal
 import torch
 
 from diffrt.bundle import SD_SCHEDULER
+from diffrt.export.tokenizer import word_bpe_files
 
 Flavour = Literal["sd1", "sd2"]
 
-# A small BPE vocabulary in CLIP's format: byte-level base symbols, their word-final forms, a few merges.
+# A small BPE vocabulary in CLIP's format (byte-level base symbols, one merged token per word).
 _WORDS = ["a", "red", "blue", "green", "cute", "narwhal", "circle", "square", "photo", "of", "the", "cat"]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP reversible byte → printable-unicode table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
-
-
 def write_clip_tokenizer(folder: Path, pad: str) -> None:
-    """Write vocab.json + merges.txt + configs for a tiny CLIPTokenizer (pad '<|endoftext|>' or '!')."""
-    folder.mkdir(parents=True, exist_ok=True)
-    base = list(_bytes_to_unicode().values())
-    vocab_list = base + [c + "</w>" for c in base]
-    merges: list[tuple[str, str]] = []
-    for word in _WORDS:  # merge each word left to right into one word-final token
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair = (symbols[0], symbols[1])
-            if pair not in merges:
-                merges.append(pair)
-                vocab_list.append(pair[0] + pair[1])
-            symbols = [pair[0] + pair[1]] + symbols[2:]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "CLIPTokenizer",
-                "model_max_length": 77,
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": pad,
-                "do_lower_case": True,
-            }
-        )
-    )
-    (folder / "special_tokens_map.json").write_text(
-        json.dumps(
-            {
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": pad,
-            }
-        )
-    )
+    """A tiny CLIPTokenizer (pad '<|endoftext|>' or '!')."""
+    word_bpe_files(folder, _WORDS, pad)
 
 
 def _scheduler_config(flavour: Flavour) -> dict:
