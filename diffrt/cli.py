@@ -20,15 +20,19 @@ def _image_range(text: str) -> tuple[int, int, int]:
     return lo, opt, hi
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def _quiet_export_libraries() -> None:
+    """Our own stage lines report export progress; the libraries' per-file bars would interleave with them."""
     import diffusers.utils.logging
     import transformers.utils.logging
 
-    from diffrt.export.bundle_writer import ExportOptions, export_bundle
-
-    # Our own stage lines report progress; the libraries' per-file bars would interleave with them.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from diffrt.export.bundle_writer import ExportOptions, export_bundle
+
+    _quiet_export_libraries()
 
     opts = ExportOptions(
         opset=args.opset,
@@ -60,7 +64,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if not out.parent.is_dir():
         raise BadInput(f"output folder {out.parent} does not exist; create it or choose another -o")
-    pipe = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads)
+    bundle = args.bundle
+    if bundle == "demo":  # the built-in bundle (a folder named demo is ./demo)
+        from diffrt.demo import demo_bundle, demo_is_built
+
+        if not demo_is_built():
+            try:
+                _quiet_export_libraries()
+            except ImportError:
+                pass  # demo_bundle names the missing extra
+        bundle = demo_bundle()
+    pipe = Pipeline.load(bundle, backend=args.backend, threads=args.threads)
     bars: list[tqdm] = []  # made on the first step, so that a request refused up front prints only its error
 
     def progress(step: int, total: int) -> None:
@@ -70,9 +84,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         result = pipe(
-            args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-            guidance_scale=args.guidance, scheduler=args.scheduler, height=height, width=width,
-            num_images=args.num_images, seed=args.seed, upscale=not args.no_upscale, callback=progress,
+            args.prompt,
+            negative_prompt=args.negative,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            scheduler=args.scheduler,
+            height=height,
+            width=width,
+            num_images=args.num_images,
+            seed=args.seed,
+            upscale=not args.no_upscale,
+            callback=progress,
         )
     finally:
         for bar in bars:
@@ -80,8 +102,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t = result.timings
     log.info("timings: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in t.items()))
     text = parameters_text(args.prompt, args.negative, result.parameters)
-    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
-                                                    for i in range(len(result.images))]
+    paths = (
+        [out]
+        if len(result.images) == 1
+        else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))]
+    )
     for image, path in zip(result.images, paths):
         save_png(image, path, text)
         log.info("wrote %s (%dx%d)", path, image.width, image.height)
@@ -97,9 +122,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise BadInput("--runs must be >= 1 and --warmup >= 0")
     width, height = args.size if args.size else (None, None)
     settings = BenchSettings(
-        backend=args.backend, steps=args.steps, width=width, height=height, batch=args.batch,
-        scheduler=args.scheduler, guidance_scale=args.guidance, warmup=args.warmup, runs=args.runs,
-        upscale=not args.no_upscale, threads=args.threads,
+        backend=args.backend,
+        steps=args.steps,
+        width=width,
+        height=height,
+        batch=args.batch,
+        scheduler=args.scheduler,
+        guidance_scale=args.guidance,
+        warmup=args.warmup,
+        runs=args.runs,
+        upscale=not args.no_upscale,
+        threads=args.threads,
     )
     bar = tqdm(total=args.warmup + args.runs, desc="bench", unit="run", disable=args.quiet, leave=False)
     report = run_bench(args.bundle, settings, progress=lambda: bar.update(1))
@@ -146,17 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="prompt -> PNG from a bundle",
-                       description="Generate images from a bundle; PNGs carry the settings in a 'parameters' "
-                       "text chunk (A1111's format).")
-    p.add_argument("bundle", help="bundle directory")
+    p = sub.add_parser(
+        "generate",
+        help="prompt -> PNG from a bundle",
+        description="Generate images from a bundle; PNGs carry the settings in a 'parameters' "
+        "text chunk (A1111's format).",
+    )
+    p.add_argument("bundle", help="bundle directory, or `demo` for the built-in scene model (built on first use)")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="PNG path; with several images -0, -1, ... are added")
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
-    p.add_argument("--scheduler", default="dpmpp_2m_karras", help="sampler: ddim, pndm, euler, euler_a, heun, lms, "
-                   "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde_karras, unipc, lcm (or their diffusers/A1111 names)")
+    p.add_argument(
+        "--scheduler",
+        default="dpmpp_2m_karras",
+        help="sampler: ddim, pndm, euler, euler_a, heun, lms, "
+        "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde_karras, unipc, lcm (or their diffusers/A1111 names)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=_size, metavar="WxH", help="image size (default: the checkpoint's native size)")
     p.add_argument("--num-images", type=int, default=1)
@@ -165,8 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for ort-cpu (default: all cores)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="per-stage latency, memory and host overhead of a bundle",
-                       description="Warm-up runs, then timed runs; medians and p90 per stage.")
+    p = sub.add_parser(
+        "bench",
+        help="per-stage latency, memory and host overhead of a bundle",
+        description="Warm-up runs, then timed runs; medians and p90 per stage.",
+    )
     p.add_argument("bundle")
     p.add_argument("--backend", default="auto", help="auto, tensorrt, ort-cuda or ort-cpu")
     p.add_argument("--steps", type=int, default=20)
