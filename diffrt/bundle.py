@@ -29,19 +29,33 @@ SD_SCHEDULER = {
     "trained_betas": None,
     "prediction_type": "epsilon",
 }
+# SDXL base's scheduler as diffusers ships it: the same training schedule, Euler with "leading" spacing.
+SDXL_SCHEDULER = {
+    **{k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"},
+    "_class_name": "EulerDiscreteScheduler",
+    "interpolation_type": "linear",
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer/tokenizer.json"
+TOKENIZER_2 = "tokenizer_2/tokenizer.json"  # SDXL's second text encoder's tokenizer
 Precision = Literal["fp32", "fp16"]
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    family: Literal["sd1", "sd2"]  # label only: behaviour follows the fields below, not the name
+    family: Literal["sd1", "sd2", "sdxl"]  # label only: behaviour follows the fields below and the specs
     prediction_type: Literal["epsilon", "v_prediction", "sample"]
     latent_channels: int
     vae_scale_factor: int  # image pixels per latent pixel
     scaling_factor: float  # latents are divided by this before the VAE decoder
     default_size: int  # the checkpoint's native image side in pixels
+    # SDXL: an absent negative prompt conditions on zeros, not on the encoded empty string (model_index.json)
+    force_zeros_for_empty_prompt: bool = False
+    # LCM: guidance is a UNet input (a w-embedding), so text encoders and UNet never see a negative batch
+    classifier_free_guidance: bool = True
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,7 @@ class Manifest:
     scheduler: dict  # the checkpoint's scheduler config, as diffusers saved it
     components: dict[str, ComponentEntry]
     upscaler: UpscalerInfo | None = None
+    tokenizer_2: TokenizerInfo | None = None  # SDXL: the second text encoder's tokenizer (pads with "!")
     source: dict = field(default_factory=dict)  # what it was made from: path, sha256
     tools: dict = field(default_factory=dict)  # versions of the tools that made it
     schema_version: int = SCHEMA_VERSION
@@ -98,6 +113,7 @@ class Manifest:
                 for k, v in d["components"].items()
             },
             upscaler=UpscalerInfo(**d["upscaler"]) if d.get("upscaler") else None,
+            tokenizer_2=TokenizerInfo(**d["tokenizer_2"]) if d.get("tokenizer_2") else None,
             source=d.get("source", {}),
             tools=d.get("tools", {}),
             schema_version=d["schema_version"],
@@ -131,6 +147,7 @@ def load_manifest(bundle: Path | str) -> Manifest:
         for precision, rel in entry.files.items():
             if not (bundle / rel).is_file():
                 raise BadInput(f"{bundle}: {name} {precision} graph {rel} is missing; re-export the bundle")
-    if not (bundle / TOKENIZER).is_file():
-        raise BadInput(f"{bundle}: {TOKENIZER} is missing; re-export the bundle")
+    for rel, needed in ((TOKENIZER, True), (TOKENIZER_2, manifest.tokenizer_2 is not None)):
+        if needed and not (bundle / rel).is_file():
+            raise BadInput(f"{bundle}: {rel} is missing; re-export the bundle")
     return manifest

@@ -15,8 +15,8 @@ import numpy as np
 from diffrt.errors import BadInput
 
 Dim = int | str  # a fixed size, or the name of a symbolic dim
-Sample = Literal["normal", "uniform", "timestep", "tokens"]
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "upscaler")
+Sample = Literal["normal", "uniform", "timestep", "tokens", "size"]
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "upscaler")
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,8 @@ class ComponentSpec:
                 arr = rng.integers(0, t.high, size=shape)
             elif t.sample == "timestep":
                 arr = rng.uniform(0, 999, size=shape)
+            elif t.sample == "size":  # pixel sizes and offsets, as SDXL's time ids carry them
+                arr = rng.integers(0, 1025, size=shape)
             elif t.sample == "uniform":
                 arr = rng.uniform(0, 1, size=shape)
             else:
@@ -118,11 +120,13 @@ class ComponentSpec:
 
 @dataclass(frozen=True)
 class SDShapes:
-    """What the specs of an SD 1.x/2.x checkpoint depend on, read from its component configs."""
+    """What the specs of an SD 1.x/2.x/XL checkpoint depend on, read from its component configs.
+
+    The SDXL and LCM fields default to 0, "absent": each one that is set adds a network input or output."""
 
     vocab_size: int
     max_length: int  # text tokens, 77 for CLIP
-    text_hidden: int  # text encoder width = UNet cross-attention dim
+    text_hidden: int  # (first) text encoder width; the UNet's cross-attention width is the sum over encoders
     latent_channels: int
     unet_out_channels: int
     vae_scale_factor: int  # pixels per latent pixel, 8 for SD
@@ -131,34 +135,62 @@ class SDShapes:
     image_min: int
     image_max: int
     max_images: int = 4  # images per call; the UNet sees twice this with classifier-free guidance
+    text_hidden_2: int = 0  # SDXL: width of the second (OpenCLIP bigG) text encoder
+    vocab_size_2: int = 0
+    pooled_dim: int = 0  # SDXL: pooled, projected text embedding of the second encoder -> UNet `text_embeds`
+    time_ids: int = 0  # SDXL: micro-conditioning numbers (original size, crop top-left, target size) = 6
+    time_cond_dim: int = 0  # LCM: width of the guidance-scale embedding -> UNet `timestep_cond`
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.text_hidden + self.text_hidden_2
+
+
+def _text_encoder_spec(name: str, vocab: int, s: SDShapes, hidden: int, pooled: int) -> ComponentSpec:
+    outputs = (TensorSpec("text_embeddings", "float32", ("batch", s.max_length, hidden)),)
+    if pooled:
+        outputs += (TensorSpec("text_embeds", "float32", ("batch", pooled)),)
+    return ComponentSpec(
+        name=name,
+        inputs=(TensorSpec("input_ids", "int32", ("batch", s.max_length), "tokens", vocab),),
+        outputs=outputs,
+        dims=(("batch", DimRange(1, 2, 2 * s.max_images)),),
+    )
 
 
 def sd_specs(s: SDShapes) -> dict[str, ComponentSpec]:
-    """Specs for text encoder, UNet and VAE decoder. Latent dims derive from the image range."""
+    """Specs for the text encoder(s), UNet and VAE decoder. Latent dims derive from the image range."""
     f = s.vae_scale_factor
     mult = 2**s.unet_downsamples
     lat = DimRange(s.image_min // f, s.image_opt // f, s.image_max // f)
-    text_batch = DimRange(1, 2, 2 * s.max_images)
     unet_batch = DimRange(1, 2, 2 * s.max_images)
     latent = ("batch", s.latent_channels, "latent_height", "latent_width")
-    text_encoder = ComponentSpec(
-        name="text_encoder",
-        inputs=(TensorSpec("input_ids", "int32", ("batch", s.max_length), "tokens", s.vocab_size),),
-        outputs=(TensorSpec("text_embeddings", "float32", ("batch", s.max_length, s.text_hidden)),),
-        dims=(("batch", text_batch),),
+    # UNet inputs beyond SD 1.x's, present when their width is set (SDXL added conditions, LCM guidance)
+    extra = tuple(
+        TensorSpec(name, "float32", ("batch", width), sample)
+        for name, width, sample in (
+            ("text_embeds", s.pooled_dim, "normal"),
+            ("time_ids", s.time_ids, "size"),
+            ("timestep_cond", s.time_cond_dim, "normal"),
+        )
+        if width
     )
-    unet = ComponentSpec(
+    specs = {"text_encoder": _text_encoder_spec("text_encoder", s.vocab_size, s, s.text_hidden, 0)}
+    if s.text_hidden_2:
+        specs["text_encoder_2"] = _text_encoder_spec("text_encoder_2", s.vocab_size_2, s, s.text_hidden_2, s.pooled_dim)
+    specs["unet"] = ComponentSpec(
         name="unet",
         inputs=(
             TensorSpec("sample", "float32", latent),
             TensorSpec("timestep", "float32", ("batch",), "timestep"),
-            TensorSpec("encoder_hidden_states", "float32", ("batch", s.max_length, s.text_hidden)),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", s.max_length, s.cross_attention_dim)),
+            *extra,
         ),
         outputs=(TensorSpec("noise_pred", "float32", ("batch", s.unet_out_channels, "latent_height", "latent_width")),),
         dims=(("batch", unet_batch), ("latent_height", lat), ("latent_width", lat)),
         multiples=(("latent_height", mult), ("latent_width", mult)),
     )
-    vae_decoder = ComponentSpec(
+    specs["vae_decoder"] = ComponentSpec(
         name="vae_decoder",
         inputs=(TensorSpec("latent", "float32", latent),),
         outputs=(TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
@@ -166,7 +198,7 @@ def sd_specs(s: SDShapes) -> dict[str, ComponentSpec]:
         multiples=(("latent_height", mult), ("latent_width", mult)),
         derived=(("height", "latent_height", f), ("width", "latent_width", f)),
     )
-    return {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae_decoder}
+    return specs
 
 
 def upscaler_spec(scale: int, tile: int, size_multiple: int = 1) -> ComponentSpec:

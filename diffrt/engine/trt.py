@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "install it with `pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13`"
 CUDA_HINT = "pip install 'cuda-bindings>=13'"
 GRAPHED = frozenset({"unet"})  # called every step: worth a CUDA graph; the others run once per image
-STEADY_INPUTS = frozenset({"encoder_hidden_states"})  # constant over a generation: uploaded when they change
+# constant over a generation: uploaded when they change (text, SDXL's pooled text and size ids, LCM's guidance)
+STEADY_INPUTS = frozenset({"encoder_hidden_states", "text_embeds", "time_ids", "timestep_cond"})
 SIDES = {"latent_height": "--height", "latent_width": "--width"}  # latent dims -> the build flag in pixels
 MAX_SHAPES = 8  # buffer sets kept per component; upscaler edge tiles bring a few extra shapes
 

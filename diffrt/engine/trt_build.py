@@ -24,7 +24,8 @@ from diffrt.specs import ComponentSpec, DimRange
 
 log = logging.getLogger(__name__)
 PLAN_SCHEMA = 1  # bump when the layout of trt/<key>/ changes: old plans then miss their key
-CFG_BATCHED = ("text_encoder", "unet")  # the pipeline runs negative + positive prompts as one batch through these
+# the pipeline runs negative + positive prompts as one batch through these (unless the bundle's guidance is an input)
+CFG_BATCHED = ("text_encoder", "text_encoder_2", "unet")
 TILED = ("upscaler",)  # their shapes are tiles, not the image: profiles always span the spec's ranges
 Span = tuple[int, int]  # (min, max)
 Shape = tuple[int, ...]
@@ -74,8 +75,8 @@ def span_text(span: Span) -> str:
     return f"{span[0]}" if span[0] == span[1] else f"{span[0]}-{span[1]}"
 
 
-def _batch_range(spec: ComponentSpec, r: DimRange, options: BuildOptions) -> DimRange:
-    k = 2 if options.guidance and spec.name in CFG_BATCHED else 1
+def _batch_range(spec: ComponentSpec, r: DimRange, options: BuildOptions, model: ModelInfo) -> DimRange:
+    k = 2 if options.guidance and model.classifier_free_guidance and spec.name in CFG_BATCHED else 1
     span = options.batch or ((1, 1) if options.profile == "static" else None)
     if span is None:
         return DimRange(r.min, min(max(k, r.min), r.max), r.max)
@@ -114,7 +115,7 @@ def dim_ranges(spec: ComponentSpec, options: BuildOptions, model: ModelInfo) -> 
     out = {}
     for dim, r in spec.dim_ranges.items():
         if dim == "batch":
-            out[dim] = _batch_range(spec, r, options)
+            out[dim] = _batch_range(spec, r, options, model)
         elif dim in ("latent_height", "latent_width"):
             out[dim] = _latent_range(spec, dim, r, options, model)
         else:

@@ -16,18 +16,9 @@ from typing import Literal
 
 import torch
 
-from diffrt.bundle import SD_SCHEDULER
+from diffrt.bundle import SD_SCHEDULER, SDXL_SCHEDULER
 from tests.builders.sd import build_sd, write_clip_tokenizer
 
-# SDXL's scheduler as its base checkpoint ships it; Turbo releases change the class and spacing.
-SDXL_SCHEDULER = {
-    **{k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"},
-    "_class_name": "EulerDiscreteScheduler",
-    "interpolation_type": "linear",
-    "sample_max_value": 1.0,
-    "timestep_spacing": "leading",
-    "use_karras_sigmas": False,
-}
 SDXL_TURBO_SCHEDULER = {
     **SDXL_SCHEDULER,
     "_class_name": "EulerAncestralDiscreteScheduler",
