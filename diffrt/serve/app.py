@@ -165,12 +165,16 @@ class RequestIdAndMetrics:
     """Pure ASGI middleware (no BaseHTTPMiddleware: it wraps `receive`, which hides client disconnects):
     echoes or makes X-Request-ID on every response and counts /v1/images answers by status code."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics | Callable[[], Metrics], echo_id: bool = True):
+        # A callable is resolved per request: a Ray Serve ingress app is pickled to its replicas, and each
+        # replica process keeps metrics of its own (a registry holds locks, which do not pickle). Behind Ray's
+        # proxy, which sets X-Request-ID on every answer itself, echo_id=False avoids a second header.
+        self.app, self.metrics, self.echo_id = app, metrics, echo_id
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        metrics = self.metrics if isinstance(self.metrics, Metrics) else self.metrics()
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
@@ -178,10 +182,11 @@ class RequestIdAndMetrics:
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                if self.echo_id:
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
                 if counted:
-                    self.metrics.requests.labels(code=str(message["status"])).inc()
-                    self.metrics.latency.observe(time.perf_counter() - start)
+                    metrics.requests.labels(code=str(message["status"])).inc()
+                    metrics.latency.observe(time.perf_counter() - start)
             await send(message)
 
         await self.app(scope, receive, send_with_id)
@@ -199,6 +204,74 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# The OpenAPI description of POST /v1/images, shared by the single-process app and the Ray Serve deployment.
+IMAGES_ROUTE: dict[str, Any] = {
+    "openapi_extra": {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ImageRequest.model_json_schema()}}}
+    },
+    "responses": {
+        200: {
+            "content": {"image/png": {}, "application/json": {}},
+            "description": "PNG (Accept: image/png) or JSON with base64 PNGs",
+        }
+    },
+}
+
+
+async def read_images_request(request: Request, settings: ServeSettings) -> ImageRequest | Response:
+    """The validated request, or the 4xx answer that refuses it. The body is read and validated by hand: the
+    size cap must apply before parsing, and errors name the field in one consistent shape."""
+    body = await _read_body(request, settings.max_body_bytes)
+    if body is None:
+        return _error(413, f"request body is over {settings.max_body_bytes} bytes", "body")
+    try:
+        return ImageRequest.model_validate_json(body)
+    except ValidationError as e:
+        return _validation_error(e)
+
+
+def gen_settings(req: ImageRequest, pipe: Any) -> GenSettings | Response:
+    """The request's generation settings with the bundle's defaults filled in, or a 422. Size and count limits
+    depend on the bundle: they are checked before queueing so a bad request never joins a batch."""
+    model = pipe.manifest.model
+    gen = GenSettings(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        num_inference_steps=req.num_inference_steps,
+        guidance_scale=float(req.guidance_scale),
+        scheduler=req.scheduler,
+        width=req.width or model.default_size,
+        height=req.height or model.default_size,
+        seed=req.seed,
+        num_images=req.num_images,
+        upscale=req.upscale,
+    )
+    try:
+        pipe.check_request(gen.num_inference_steps, gen.guidance_scale, gen.height, gen.width, gen.num_images)
+    except BadInput as e:
+        return _error(422, str(e), _field_of(str(e)))
+    return gen
+
+
+def engine_error(request: Request, e: Exception) -> JSONResponse:
+    """The answer to a generation that raised: 422 for a refused request, 500 for an engine failure."""
+    if isinstance(e, BadInput):
+        return _error(422, str(e), _field_of(str(e)))
+    log.error("request %s failed: %s: %s", request.scope["state"]["request_id"], type(e).__name__, e)
+    return _error(500, f"{type(e).__name__}: {e}")
+
+
+def images_response(request: Request, gen: GenSettings, result: JobResult, headers: dict[str, str]) -> Response:
+    """`Accept: image/png` gets the first image as a PNG; otherwise JSON with every image as base64 PNG."""
+    headers = {"X-Batch-Images": str(result.batch_images), **headers}
+    text = parameters_text(gen.prompt, gen.negative_prompt, result.parameters)
+    if "image/png" in request.headers.get("accept", ""):
+        return Response(_png(result.images[0], text), media_type="image/png", headers=headers)
+    encoded = [base64.b64encode(_png(im, text)).decode("ascii") for im in result.images]
+    timings = {k: round(v, 6) for k, v in result.timings.items() if math.isfinite(v)}
+    return JSONResponse({"images": encoded, "parameters": result.parameters, "timings": timings}, headers=headers)
 
 
 def create_app(settings: ServeSettings, loader: Callable[[], Any] | None = None) -> FastAPI:
@@ -259,51 +332,17 @@ def create_app(settings: ServeSettings, loader: Callable[[], Any] | None = None)
         metrics.queue_depth.set(batcher.depth)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    schema = ImageRequest.model_json_schema()
-
-    @app.post(
-        IMAGES_PATH,
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
-        responses={
-            200: {
-                "content": {"image/png": {}, "application/json": {}},
-                "description": "PNG (Accept: image/png) or JSON with base64 PNGs",
-            }
-        },
-    )
+    @app.post(IMAGES_PATH, **IMAGES_ROUTE)
     async def images(request: Request) -> Response:
         """Generate images. `Accept: image/png` answers the first image as a PNG; otherwise JSON."""
-        # The body is read and validated by hand: the size cap must apply before parsing, and errors name
-        # the field in one consistent shape.
-        body = await _read_body(request, settings.max_body_bytes)
-        if body is None:
-            return _error(413, f"request body is over {settings.max_body_bytes} bytes", "body")
-        try:
-            req = ImageRequest.model_validate_json(body)
-        except ValidationError as e:
-            return _validation_error(e)
+        req = await read_images_request(request, settings)
+        if isinstance(req, Response):
+            return req
         if not state["ready"]:
             return _error(503, "the model is still loading", headers={"Retry-After": "5"})
-        pipe = batcher.pipeline
-        model = pipe.manifest.model
-        gen = GenSettings(
-            prompt=req.prompt,
-            negative_prompt=req.negative_prompt,
-            num_inference_steps=req.num_inference_steps,
-            guidance_scale=float(req.guidance_scale),
-            scheduler=req.scheduler,
-            width=req.width or model.default_size,
-            height=req.height or model.default_size,
-            seed=req.seed,
-            num_images=req.num_images,
-            upscale=req.upscale,
-        )
-        try:
-            # Size and count limits depend on the bundle: check them before queueing so a bad request is
-            # answered at once and never joins a batch.
-            pipe.check_request(gen.num_inference_steps, gen.guidance_scale, gen.height, gen.width, gen.num_images)
-        except BadInput as e:
-            return _error(422, str(e), _field_of(str(e)))
+        gen = gen_settings(req, batcher.pipeline)
+        if isinstance(gen, Response):
+            return gen
         try:
             job = batcher.submit(gen, request.is_disconnected)
         except QueueFull as e:
@@ -316,17 +355,8 @@ def create_app(settings: ServeSettings, loader: Callable[[], Any] | None = None)
         except asyncio.CancelledError:
             batcher.withdraw(job, "cancelled")
             raise
-        except BadInput as e:
-            return _error(422, str(e), _field_of(str(e)))
-        except Exception as e:  # noqa: BLE001 - the engine failed (NonFiniteOutput, backend errors)
-            log.error("request %s failed: %s: %s", request.scope["state"]["request_id"], type(e).__name__, e)
-            return _error(500, f"{type(e).__name__}: {e}")
-        headers = {"X-Batch-Images": str(result.batch_images)}
-        text = parameters_text(req.prompt, req.negative_prompt, result.parameters)
-        if "image/png" in request.headers.get("accept", ""):
-            return Response(_png(result.images[0], text), media_type="image/png", headers=headers)
-        encoded = [base64.b64encode(_png(im, text)).decode("ascii") for im in result.images]
-        timings = {k: round(v, 6) for k, v in result.timings.items() if math.isfinite(v)}
-        return JSONResponse({"images": encoded, "parameters": result.parameters, "timings": timings}, headers=headers)
+        except Exception as e:  # noqa: BLE001 - BadInput, or the engine failed (NonFiniteOutput, backend errors)
+            return engine_error(request, e)
+        return images_response(request, gen, result, {})
 
     return app

@@ -58,6 +58,25 @@ class GenSettings:
         return key if self.scheduler not in STOCHASTIC else (id(self), *key)
 
 
+def compatible_groups(items: list[GenSettings], max_batch: int) -> list[list[int]]:
+    """Indices of `items` (in arrival order) split into groups that may each share one pipeline call, as the
+    queue groups them: the oldest request not yet placed, then every later one with its batch key while they
+    fit in `max_batch` images. A request of more than `max_batch` images runs alone."""
+    groups: list[list[int]] = []
+    placed: set[int] = set()
+    for i, head in enumerate(items):
+        if i in placed:
+            continue
+        key, total, group = head.batch_key(), head.num_images, [i]
+        for j in range(i + 1, len(items)):
+            if j not in placed and items[j].batch_key() == key and total + items[j].num_images <= max_batch:
+                group.append(j)
+                total += items[j].num_images
+        placed.update(group)
+        groups.append(group)
+    return groups
+
+
 @dataclass
 class JobResult:
     images: list  # PIL images, this request's own
@@ -199,7 +218,7 @@ class Batcher:
                 for job in live:
                     self.metrics.queue_wait.observe(started - job.enqueued)
             try:
-                results = await loop.run_in_executor(self._executor, self._run, [j.settings for j in live])
+                results = await loop.run_in_executor(self._executor, self.run_group, [j.settings for j in live])
             except Exception as e:  # noqa: BLE001 - the executor itself failed (e.g. shut down)
                 results = [e] * len(live)
             for job, result in zip(live, results):
@@ -226,7 +245,9 @@ class Batcher:
         return True
 
     # --- engine thread -------------------------------------------------------------------------------------
-    def _run(self, group: list[GenSettings]) -> list[JobResult | BaseException]:
+    def run_group(self, group: list[GenSettings]) -> list[JobResult | BaseException]:
+        """One pipeline call for a compatible group (equal batch keys, at most max_batch images in all): a
+        result or an exception per request. Engine thread only; the Ray Serve deployment calls it too."""
         try:
             return self._run_group(group)
         except BadInput as e:
@@ -234,7 +255,7 @@ class Batcher:
                 return [e]
             # One bad request must not fail its batch-mates: run each alone.
             log.info("batched call refused (%s); running its %d requests one by one", e, len(group))
-            return [r for s in group for r in self._run([s])]
+            return [r for s in group for r in self.run_group([s])]
         except Exception as e:  # noqa: BLE001 - handed to the request's future, logged by the app
             return [e] * len(group)
 

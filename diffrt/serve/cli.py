@@ -6,10 +6,24 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from diffrt.errors import BadInput
 
 log = logging.getLogger(__name__)
+
+
+# Ray-only options (flag, type, metavar, help); None when not given, so they can be refused without --ray.
+RAY_OPTIONS = (
+    ("--replicas", int, "N", "replicas (default 1); with --min/--max-replicas the initial count"),
+    ("--gpus-per-replica", float, "G", "GPUs per replica (default 1, 0 with --backend ort-cpu); 0.5: two share one"),
+    ("--cpus-per-replica", float, "C", "CPUs Ray reserves per replica (default 1)"),
+    ("--min-replicas", int, "N", "autoscaling lower bound (turns autoscaling on)"),
+    ("--max-replicas", int, "N", "autoscaling upper bound (turns autoscaling on)"),
+    ("--max-ongoing", int, "N", "requests one replica holds at once (default 2 x --max-batch)"),
+    ("--ray-address", str, "ADDRESS", "join this Ray cluster (auto, HOST:PORT, ray://HOST:10001), do not start one"),
+    ("--ray-tmp-dir", str, "DIR", "temporary directory of the local Ray cluster (default: Ray's own)"),
+)
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,6 +46,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--timeout-s", type=float, default=300.0, help="per-request limit, queue included; then 504")
     p.add_argument("--backend", default="auto", help="auto, tensorrt, ort-cuda or ort-cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for ort-cpu (default: all cores)")
+    r = p.add_argument_group("scale-out with Ray Serve (needs the ray extra; see docs/serving.md)")
+    r.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment, one replica per GPU")
+    for flag, kind, metavar, meaning in RAY_OPTIONS:
+        r.add_argument(flag, type=kind, default=None, metavar=metavar, help=meaning)
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -61,12 +79,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         timeout_s=args.timeout_s,
     )
+    given = [flag for flag, *_ in RAY_OPTIONS if getattr(args, _dest(flag)) is not None]
+    if args.ray:
+        return _serve_with_ray(args, settings)
+    if given:
+        raise BadInput(f"{given[0]} needs --ray")
     app = create_app(settings)
     log.info("serving %s on http://%s:%d (docs at /docs)", args.bundle, args.host, args.port)
     # One worker process: the Pipeline and its batcher live in this process; scale out with more processes
     # (or machines) behind a balancer, not with uvicorn workers sharing one device.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
     return 0
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _serve_with_ray(args: argparse.Namespace, settings) -> int:
+    # Imported here only: `diffrt serve` without --ray must never import ray.
+    try:
+        from diffrt.serve import ray_app
+    except ImportError as e:
+        if e.name and e.name.split(".")[0] == "ray":
+            raise BadInput(f"--ray needs Ray Serve 2.58 or newer ({e}): pip install 'diffrt[ray]'") from None
+        raise
+    opts = ray_app.RayOptions(
+        replicas=args.replicas if args.replicas is not None else 1,
+        gpus_per_replica=args.gpus_per_replica,
+        cpus_per_replica=args.cpus_per_replica if args.cpus_per_replica is not None else 1.0,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        max_ongoing=args.max_ongoing or 0,
+        address=args.ray_address,
+        tmp_dir=args.ray_tmp_dir,
+    )
+    ray_app.check(settings, opts)
+    # Replicas do not share the driver's working directory: hand them an absolute path. On a cluster the
+    # bundle must exist at that path on every node; a local cluster's bundle is checked here, in one line.
+    bundle = Path(args.bundle)
+    if bundle.exists() or not opts.address:
+        from diffrt.bundle import load_manifest
+
+        load_manifest(bundle)
+        settings.bundle = str(bundle.resolve())
+    return ray_app.run(settings, opts, args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> int:
