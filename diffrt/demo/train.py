@@ -43,6 +43,9 @@ class TrainConfig:
     unet_batch: int = 128
     unet_lr: float = 5e-4
     warmup: int = 500
+    # v-prediction asks for the clean picture at high noise, where the layout is decided; with epsilon the
+    # object's position barely enters the loss there, and an epsilon run of this model drew it at chance.
+    prediction_type: str = "v_prediction"
     uncond_prob: float = 0.1  # captions dropped to "" so classifier-free guidance works
     ema_decay: float = 0.999
     save_every_s: float = 180.0  # resume granularity
@@ -206,7 +209,7 @@ def train_unet(text_encoder, unet, tokenizer, latents, scene_dicts, cfg: TrainCo
     """Train UNet + text encoder on the latents; their EMA weights, or None if the step budget ran out first."""
     from diffusers import DDPMScheduler
 
-    noise_schedule = DDPMScheduler.from_config({k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"})
+    noise_schedule = DDPMScheduler.from_config({k: v for k, v in _scheduler_config(cfg).items() if k != "_class_name"})
     ema = torch.optim.swa_utils.AveragedModel(
         torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}),
         multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
@@ -238,7 +241,8 @@ def train_unet(text_encoder, unet, tokenizer, latents, scene_dicts, cfg: TrainCo
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         xt = noise_schedule.add_noise(x0, noise, t)
         cond = text_encoder(ids).last_hidden_state
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
+        target = noise if cfg.prediction_type == "epsilon" else noise_schedule.get_velocity(x0, noise, t)
+        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -258,6 +262,11 @@ def train_unet(text_encoder, unet, tokenizer, latents, scene_dicts, cfg: TrainCo
     return ema.module["unet"], ema.module["text_encoder"]
 
 
+def _scheduler_config(cfg: TrainConfig) -> dict:
+    """SD's noise schedule (PNDM config as SD 1.x ships it) with this run's prediction type."""
+    return {**SD_SCHEDULER, "prediction_type": cfg.prediction_type}
+
+
 def save_folder(out: Path, text_encoder, unet, vae, cfg: TrainConfig) -> None:
     """An ordinary diffusers folder (StableDiffusionPipeline), weights stored in FP16."""
     out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +275,7 @@ def save_folder(out: Path, text_encoder, unet, vae, cfg: TrainConfig) -> None:
         module.to(torch.float16).save_pretrained(out / name)
         module.to(torch.float32)
     (out / "scheduler").mkdir(exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER, indent=2))
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(cfg), indent=2))
     (out / "model_index.json").write_text(
         json.dumps(
             {
