@@ -75,6 +75,22 @@ def _ray_leftovers(tmp_dir: str) -> list[tuple[int, str]]:
     ]
 
 
+def _kill_cluster(tmp_dir: str) -> None:
+    """Stop what a failed start left running: the processes that name its temp dir (all this test's own)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = [pid for pid, args in _ray_leftovers(tmp_dir) if tmp_dir in args]
+        if not left:
+            return
+        log.info("stopping %d processes of the failed start", len(left))
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
+
+
 def _start(settings: ServeSettings, port: int):
     """Start a local cluster and deploy; return the temp dir. Ray's raylet gives its Python agents ~15 s to start
     (a fixed limit), which a machine short of CPU can miss: then the half-started cluster (this test's own
@@ -92,9 +108,7 @@ def _start(settings: ServeSettings, port: int):
             if attempt == ATTEMPTS or "timed out during startup" not in str(e):
                 raise
             log.warning("Ray did not start (%s); retrying", e)
-            for pid, args in _ray_leftovers(tmp_dir):
-                if tmp_dir in args:  # Ray's own processes name their session directory
-                    os.kill(pid, signal.SIGKILL)
+            _kill_cluster(tmp_dir)
     raise AssertionError("unreachable")
 
 
@@ -103,10 +117,15 @@ async def _post(client, payload: dict) -> tuple[int, dict, str]:
     return r.status_code, dict(r.headers), r.text
 
 
-def test_two_replicas_429_on_burst_and_clean_shutdown(sd1_bundle):
+def test_two_replicas_429_on_burst_and_clean_shutdown(sd1_bundle, monkeypatch):
     import httpx
 
     from diffrt.serve import ray_app
+
+    # Serve gives a new HTTP proxy 5 s to report ready and kills it after three misses: too short on a machine
+    # short of CPU. Ray's processes inherit these from the driver.
+    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    monkeypatch.setenv("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 
     port = _free_port()
     settings = ServeSettings(
