@@ -63,3 +63,41 @@ def sd1_upscaled_bundle(sd1_folder, tmp_path_factory):
     weights = build_esrgan_old(root / "esrgan.pth", seed=5)
     export_bundle(str(sd1_folder), root / "sd1-up", upscaler=weights, opts=ExportOptions())
     return root / "sd1-up"
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    """Tiny SDXL diffusers folder: two text encoders, added text/time conditions, force_zeros_for_empty_prompt."""
+    from tests.builders.sdxl import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("ckpt") / "tiny-sdxl", seed=2)
+
+
+@pytest.fixture(scope="session")
+def sdxl_export(sdxl_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "sdxl"
+    return out, _export(sdxl_folder, out)
+
+
+@pytest.fixture(scope="session")
+def sdxl_bundle(sdxl_export):
+    return sdxl_export[0]
+
+
+@pytest.fixture(scope="session")
+def lcm_folder(tmp_path_factory):
+    """Tiny LCM diffusers folder: SD1-style UNet with a guidance-embedding input, LCMScheduler."""
+    from tests.builders.sdxl import build_lcm
+
+    return build_lcm(tmp_path_factory.mktemp("ckpt") / "tiny-lcm", seed=3)
+
+
+@pytest.fixture(scope="session")
+def lcm_export(lcm_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "lcm"
+    return out, _export(lcm_folder, out)
+
+
+@pytest.fixture(scope="session")
+def lcm_bundle(lcm_export):
+    return lcm_export[0]

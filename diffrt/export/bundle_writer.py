@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from diffrt import __version__
-from diffrt.bundle import TOKENIZER, ComponentEntry, Manifest, ModelInfo, UpscalerInfo
+from diffrt.bundle import TOKENIZER, TOKENIZER_2, ComponentEntry, Manifest, ModelInfo, UpscalerInfo
 from diffrt.errors import BadInput, ValidationFailed
 from diffrt.export.checkpoint import Checkpoint, check_source, load_checkpoint
 from diffrt.export.fp16 import convert_to_fp16
@@ -51,11 +51,23 @@ def stage(name: str) -> Iterator[None]:
 
 def sd_shapes(ckpt: Checkpoint, max_length: int, image_range: tuple[int, int, int] | None) -> SDShapes:
     te, unet, vae = ckpt.text_encoder.config, ckpt.unet.config, ckpt.vae.config
-    if te.hidden_size != unet.cross_attention_dim:
+    te2 = ckpt.text_encoder_2.config if ckpt.text_encoder_2 is not None else None
+    width = te.hidden_size + (te2.hidden_size if te2 else 0)
+    if width != unet.cross_attention_dim:
         raise BadInput(
-            f"text encoder width {te.hidden_size} does not match the UNet's cross-attention width "
+            f"text encoder width {width} does not match the UNet's cross-attention width "
             f"{unet.cross_attention_dim}; the checkpoint's components do not belong together"
         )
+    pooled = te2.projection_dim if te2 else 0
+    time_ids = 0
+    if unet.addition_embed_type == "text_time":
+        added = unet.projection_class_embeddings_input_dim - pooled  # one embedding per micro-condition
+        if not te2 or added <= 0 or added % unet.addition_time_embed_dim:
+            raise BadInput(
+                f"the UNet's added-condition width {unet.projection_class_embeddings_input_dim} does not fit the "
+                f"text encoder's pooled width {pooled}; the checkpoint's components do not belong together"
+            )
+        time_ids = added // unet.addition_time_embed_dim
     vae_scale = 2 ** (len(vae.block_out_channels) - 1)
     step = vae_scale * 2 ** (len(unet.block_out_channels) - 1)
     opt = unet.sample_size * vae_scale
@@ -73,6 +85,11 @@ def sd_shapes(ckpt: Checkpoint, max_length: int, image_range: tuple[int, int, in
         image_opt=opt,
         image_min=lo,
         image_max=hi,
+        text_hidden_2=te2.hidden_size if te2 else 0,
+        vocab_size_2=te2.vocab_size if te2 else 0,
+        pooled_dim=pooled,
+        time_ids=time_ids,
+        time_cond_dim=unet.time_cond_proj_dim or 0,
     )
 
 
@@ -84,10 +101,18 @@ def _tools() -> dict[str, str]:
     return out
 
 
-def export_component(module, spec, tmp: Path, opts: ExportOptions, fp32_attention: bool) -> tuple[dict, list[Check]]:
+def export_component(
+    module, spec, tmp: Path, opts: ExportOptions, fp32_attention: bool, fp16: bool = True
+) -> tuple[dict, list[Check]]:
+    """Export, convert and validate one component. Without `fp16` the FP16 bundle uses the FP32 graph."""
     files = {"fp32": f"onnx/{spec.name}.fp32.onnx", "fp16": f"onnx/{spec.name}.fp16.onnx"}
     with stage(f"{spec.name}: export fp32 ONNX"):
         export_onnx(module, spec, tmp / files["fp32"], opts.opset)
+    if not fp16:
+        log.info("%s: kept in FP32 in the FP16 bundle (the checkpoint asks for it: force_upcast)", spec.name)
+        files["fp16"] = files["fp32"]
+        checks = validate_component(module, spec, {"fp32": tmp / files["fp32"]}) if opts.validate else []
+        return files, checks
     with stage(f"{spec.name}: convert to fp16"):
         model = onnx.load(str(tmp / files["fp32"]))
         onnx.checker.check_model(str(tmp / files["fp32"]))
@@ -155,24 +180,33 @@ def _publish_permissions(folder: Path) -> None:
 def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> ExportResult:
     with stage("tokenizer"):
         tokenizer = export_tokenizer(ckpt.tokenizer_dir, (tmp / TOKENIZER).parent)
+        tokenizer_2 = None
+        if ckpt.tokenizer_2_dir is not None:
+            tokenizer_2 = export_tokenizer(ckpt.tokenizer_2_dir, (tmp / TOKENIZER_2).parent)
     shapes = sd_shapes(ckpt, tokenizer.max_length, opts.image_range)
     specs = sd_specs(shapes)
     upcast = bool(getattr(ckpt.unet.config, "upcast_attention", False))
-    modules = {
-        "text_encoder": (TextEncoder(ckpt.text_encoder), False),
-        "unet": (UNet(ckpt.unet), upcast),
-        "vae_decoder": (VAEDecoder(ckpt.vae), False),
-    }
+    xl = ckpt.text_encoder_2 is not None
+    unet_extra = tuple(t.name for t in specs["unet"].inputs[3:])
+    # (module, FP32 attention, FP16 graph)
+    modules = {"text_encoder": (TextEncoder(ckpt.text_encoder, hidden_layer=-2 if xl else -1), False, True)}
+    if xl:  # SDXL conditions on both encoders' penultimate layer, and on the second one's pooled projection
+        modules["text_encoder_2"] = (TextEncoder(ckpt.text_encoder_2, hidden_layer=-2, pooled=True), False, True)
+    modules["unet"] = (UNet(ckpt.unet, unet_extra), upcast, True)
+    # SDXL's VAE overflows FP16 (docs/models.md): where an SDXL checkpoint says so (force_upcast, which only
+    # diffusers' SDXL pipelines read), its decoder stays FP32 in the FP16 bundle
+    vae_fp16 = not (xl and getattr(ckpt.vae.config, "force_upcast", True))
+    modules["vae_decoder"] = (VAEDecoder(ckpt.vae), False, vae_fp16)
     upscaler_info = None
     if upscaler is not None:
         specs["upscaler"] = upscaler_spec(upscaler.scale, UPSCALER_TILE, upscaler.size_multiple)
-        modules["upscaler"] = (upscaler.module, False)
+        modules["upscaler"] = (upscaler.module, False, True)
         upscaler_info = UpscalerInfo(
             upscaler.architecture, upscaler.scale, UPSCALER_TILE, UPSCALER_OVERLAP, upscaler.size_multiple
         )
     components, checks = {}, []
-    for name, (module, fp32_attention) in modules.items():
-        files, component_checks = export_component(module, specs[name], tmp, opts, fp32_attention)
+    for name, (module, fp32_attention, fp16) in modules.items():
+        files, component_checks = export_component(module, specs[name], tmp, opts, fp32_attention, fp16)
         components[name] = ComponentEntry(specs[name], files)
         checks += component_checks
     if checks:
@@ -193,9 +227,18 @@ def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Export
         vae_scale_factor=shapes.vae_scale_factor,
         scaling_factor=float(ckpt.vae.config.scaling_factor),
         default_size=shapes.image_opt,
+        force_zeros_for_empty_prompt=ckpt.force_zeros_for_empty_prompt,
+        classifier_free_guidance=not shapes.time_cond_dim,
     )
     manifest = Manifest(
-        model, tokenizer, dict(ckpt.scheduler_config), components, upscaler_info, source=ckpt.source, tools=_tools()
+        model,
+        tokenizer,
+        dict(ckpt.scheduler_config),
+        components,
+        upscaler_info,
+        tokenizer_2=tokenizer_2,
+        source=ckpt.source,
+        tools=_tools(),
     )
     manifest.save(tmp)
     return ExportResult(manifest, checks)

@@ -1,4 +1,5 @@
-"""Load a Stable Diffusion checkpoint (diffusers folder, hub id, single-file) into torch modules.
+"""Load a Stable Diffusion checkpoint (diffusers folder, hub id, single-file) into torch modules: SD 1.x/2.x,
+SDXL, and their few-step distillations (SD-Turbo, SDXL-Turbo: a scheduler config; LCM: a guidance input).
 
 Every failure a user can cause is a one-line BadInput / UnsupportedModel naming the problem and the fix.
 """
@@ -19,13 +20,13 @@ from diffrt.errors import BadInput, UnsupportedModel
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline"}
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline", "LatentConsistencyModelPipeline"}
+SUPPORTED = "SD 1.x, 2.x, XL, Turbo and LCM text-to-image"
 NOT_YET = {
-    "StableDiffusionXLPipeline": "SDXL",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL refiner / image-to-image",
+    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
     "StableDiffusion3Pipeline": "SD3",
     "FluxPipeline": "Flux",
-    "LatentConsistencyModelPipeline": "LCM",
     "StableDiffusionInpaintPipeline": "inpainting",
     "StableDiffusionUpscalePipeline": "x4 upscaling",
 }
@@ -34,7 +35,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass
 class Checkpoint:
-    """The torch modules and configs an SD 1.x/2.x export needs."""
+    """The torch modules and configs an SD 1.x/2.x/XL export needs."""
 
     text_encoder: torch.nn.Module  # CLIPTextModel
     unet: torch.nn.Module  # UNet2DConditionModel
@@ -42,11 +43,17 @@ class Checkpoint:
     tokenizer_dir: Path  # folder with vocab.json + merges.txt (+ tokenizer_config.json)
     scheduler_config: dict
     source: dict  # kind, path or id, sha256 of the weights
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: CLIPTextModelWithProjection (OpenCLIP bigG)
+    tokenizer_2_dir: Path | None = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: zeros, not the empty prompt, as the absent negative
 
     @property
     def family(self) -> str:
-        """'sd2' for OpenCLIP-conditioned UNets (linear projections or 1024-wide text), else 'sd1'."""
+        """'sdxl' with two text encoders; 'sd2' for OpenCLIP-conditioned UNets (linear projections or
+        1024-wide text); else 'sd1'."""
         cfg = self.unet.config
+        if self.text_encoder_2 is not None:
+            return "sdxl"
         return "sd2" if cfg.use_linear_projection or cfg.cross_attention_dim == 1024 else "sd1"
 
 
@@ -118,23 +125,23 @@ def load_diffusers_folder(folder: Path) -> Checkpoint:
     pipeline = index.get("_class_name")
     if pipeline in NOT_YET:
         raise UnsupportedModel(
-            f"{folder} is a {NOT_YET[pipeline]} checkpoint ({pipeline}), not supported yet; "
-            "diffrt exports SD 1.x and 2.x"
+            f"{folder} is a {NOT_YET[pipeline]} checkpoint ({pipeline}), not supported yet; diffrt exports {SUPPORTED}"
         )
     if pipeline not in SUPPORTED_PIPELINES:
-        raise UnsupportedModel(
-            f"{folder}: pipeline class {pipeline!r} is not supported; diffrt exports "
-            "StableDiffusionPipeline checkpoints (SD 1.x and 2.x)"
-        )
-    for part in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
+        raise UnsupportedModel(f"{folder}: pipeline class {pipeline!r} is not supported; diffrt exports {SUPPORTED}")
+    xl = pipeline == "StableDiffusionXLPipeline"
+    parts = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+    parts += ("text_encoder_2", "tokenizer_2") if xl else ()
+    for part in parts:
         if not (folder / part).is_dir():
             raise BadInput(f"{folder} has no {part}/ folder; the checkpoint is incomplete, re-download it")
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet_config = _read_json(folder / "unet" / "config.json")
-    check_unet_config(unet_config, folder)
+    check_unet_config(unet_config, folder, xl)
     text_encoder = _load(CLIPTextModel, folder / "text_encoder")
+    text_encoder_2 = _load(CLIPTextModelWithProjection, folder / "text_encoder_2") if xl else None
     unet = _load(UNet2DConditionModel, folder / "unet")
     vae = _load(AutoencoderKL, folder / "vae")
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
@@ -146,17 +153,21 @@ def load_diffusers_folder(folder: Path) -> Checkpoint:
         folder / "tokenizer",
         scheduler,
         {"kind": "diffusers", "path": str(folder), "sha256": hash_files(weights)},
+        text_encoder_2=text_encoder_2,
+        tokenizer_2_dir=folder / "tokenizer_2" if xl else None,
+        # diffusers' SDXL pipeline defaults the flag to True when model_index.json does not set it
+        force_zeros_for_empty_prompt=xl and bool(index.get("force_zeros_for_empty_prompt", True)),
     )
 
 
-def check_unet_config(cfg: dict, where: Path | str) -> None:
-    """Refuse UNets of families the export does not handle yet, with the reason."""
-    if cfg.get("addition_embed_type") == "text_time":
-        raise UnsupportedModel(
-            f"{where}: SDXL-style UNet (added text/time conditions), not supported yet; diffrt exports SD 1.x and 2.x"
-        )
-    if cfg.get("time_cond_proj_dim"):
-        raise UnsupportedModel(f"{where}: LCM UNet (guidance embedding), not supported yet")
+def check_unet_config(cfg: dict, where: Path | str, xl: bool = False) -> None:
+    """Refuse UNets the export does not handle (yet), or that do not fit the pipeline around them."""
+    text_time = cfg.get("addition_embed_type") == "text_time"
+    if text_time != xl:
+        kind = "an SDXL-style UNet (added text/time conditions)" if text_time else "a UNet without SDXL's conditions"
+        raise UnsupportedModel(f"{where}: {kind} does not fit this pipeline; the checkpoint's parts do not match")
+    if cfg.get("addition_embed_type") not in (None, "text_time"):
+        raise UnsupportedModel(f"{where}: UNet addition_embed_type={cfg['addition_embed_type']!r} is not supported")
     if cfg.get("in_channels", 4) != 4:
         raise UnsupportedModel(
             f"{where}: UNet with {cfg.get('in_channels')} input channels "

@@ -144,7 +144,8 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_attention: bool = False) -> onn
             for node in nodes:
                 node.input[:] = [name + "__fp16" if x == name else x for x in node.input]
                 node.output[:] = [name + "__fp16" if x == name else x for x in node.output]
-            nodes.append(helper.make_node("Cast", [name + "__fp16"], [name], to=FLOAT, name=name + "__to_fp32"))
+            # node name distinct from as_type's Casts: an output also read inside the graph has one of those
+            nodes.append(helper.make_node("Cast", [name + "__fp16"], [name], to=FLOAT, name=name + "__output"))
             dtype[name + "__fp16"] = HALF
             dtype[name] = FLOAT
 

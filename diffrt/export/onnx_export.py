@@ -17,25 +17,45 @@ EXTERNAL_DATA_BYTES = 500_000_000  # weights beside the graph above this: protob
 
 
 class TextEncoder(torch.nn.Module):
-    """input_ids (B, 77) int32 -> last hidden state (B, 77, D), as the SD pipelines condition on it."""
+    """input_ids (B, 77) int32 -> hidden states (B, 77, D) the UNet conditions on [, pooled projection (B, P)].
 
-    def __init__(self, text_encoder: torch.nn.Module):
+    SD 1.x/2.x take the last hidden state (after the final layer norm); SDXL takes both encoders' penultimate
+    layer without it (`hidden_layer=-2`) and the second encoder's projected pooled output as `text_embeds`."""
+
+    def __init__(self, text_encoder: torch.nn.Module, hidden_layer: int = -1, pooled: bool = False):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder, self.hidden_layer, self.pooled = text_encoder, hidden_layer, pooled
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids.long(), return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor):
+        out = self.text_encoder(input_ids.long(), output_hidden_states=self.hidden_layer != -1)
+        hidden = out.last_hidden_state if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer]
+        return (hidden, out.text_embeds) if self.pooled else hidden
 
 
 class UNet(torch.nn.Module):
-    """(sample (B, C, h, w), timestep (B,), encoder_hidden_states (B, 77, D)) -> model output (B, C, h, w)."""
+    """(sample (B, C, h, w), timestep (B,), encoder_hidden_states (B, 77, D), *extra) -> output (B, C, h, w).
 
-    def __init__(self, unet: torch.nn.Module):
+    `extra` are the inputs named in `extra_names`, in that order: SDXL's `text_embeds` (B, P) and `time_ids`
+    (B, 6), LCM's `timestep_cond` (B, W)."""
+
+    def __init__(self, unet: torch.nn.Module, extra_names: tuple[str, ...] = ()):
         super().__init__()
-        self.unet = unet
+        if len(extra_names) > 3:
+            raise ValueError(f"at most 3 extra UNet inputs, got {extra_names}")
+        self.unet, self.extra_names = unet, extra_names
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, extra_1=None, extra_2=None, extra_3=None):
+        # named parameters, not *args: torch.export matches dynamic shapes to the signature's flat inputs
+        named = dict(zip(self.extra_names, (extra_1, extra_2, extra_3)))
+        added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            timestep_cond=named.get("timestep_cond"),
+            added_cond_kwargs=added or None,
+            return_dict=False,
+        )[0]
 
 
 class VAEDecoder(torch.nn.Module):

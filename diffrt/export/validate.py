@@ -1,4 +1,4 @@
-"""Validate exported graphs against their torch modules in ONNX Runtime (CPU), at two shapes."""
+"""Validate exported graphs against their torch modules in ONNX Runtime (CPU), at two shapes, every output."""
 
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ class Check:
     def row(self) -> str:
         verdict = "ok" if self.passed else "FAIL"
         return (
-            f"{self.component:<13} {self.precision:<5} {self.shape:<44} {self.max_abs_error:>11.3e} "
+            f"{self.component:<30} {self.precision:<5} {self.shape:<44} {self.max_abs_error:>11.3e} "
             f"{self.cosine:>10.6f}  {verdict}"
         )
 
 
-HEADER = f"{'component':<13} {'prec':<5} {'shape':<44} {'max abs err':>11} {'cosine':>10}  result"
+HEADER = f"{'component':<30} {'prec':<5} {'shape':<44} {'max abs err':>11} {'cosine':>10}  result"
 
 
 def validation_dims(spec: ComponentSpec) -> list[dict[str, int]]:
@@ -78,17 +78,20 @@ def validate_component(module: torch.nn.Module, spec: ComponentSpec, graphs: dic
     for seed, dims in enumerate(validation_dims(spec)):
         feeds = spec.sample_inputs(dims, seed=seed)
         with torch.no_grad():
-            reference = module(*(torch.from_numpy(a) for a in feeds.values())).numpy()
-        cases.append((" ".join(f"{k}={v}" for k, v in dims.items()), feeds, reference))
+            out = module(*(torch.from_numpy(a) for a in feeds.values()))
+        references = [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+        cases.append((" ".join(f"{k}={v}" for k, v in dims.items()), feeds, references))
+    names = [t.name for t in spec.outputs]
     checks = []
     for precision, path in graphs.items():
         sess = session(path)
-        for label, feeds, reference in cases:
-            got = sess.run([spec.outputs[0].name], feeds)[0]
-            err, cosine, finite = compare(reference, got)
-            if precision == "fp32":
-                ok = finite and err <= FP32_REL_TOL * max(1.0, float(np.abs(reference).max()))
-            else:
-                ok = finite and cosine >= FP16_MIN_COSINE
-            checks.append(Check(spec.name, precision, label, err, cosine, finite, ok))
+        for label, feeds, references in cases:
+            for name, reference, got in zip(names, references, sess.run(names, feeds)):
+                err, cosine, finite = compare(reference, got)
+                if precision == "fp32":
+                    ok = finite and err <= FP32_REL_TOL * max(1.0, float(np.abs(reference).max()))
+                else:
+                    ok = finite and cosine >= FP16_MIN_COSINE
+                component = spec.name if len(names) == 1 else f"{spec.name}:{name}"
+                checks.append(Check(component, precision, label, err, cosine, finite, ok))
     return checks

@@ -54,11 +54,19 @@ def test_malformed_model_index(capsys, broken_copy, tmp_path):
     assert_clean_failure(*run_export(capsys, broken_copy, "-o", out), out, "malformed", "model_index.json")
 
 
-def test_sdxl_is_refused_by_name(capsys, broken_copy, tmp_path):
+def test_sdxl_refiner_is_refused_by_name(capsys, broken_copy, tmp_path):
+    index = json.loads((broken_copy / "model_index.json").read_text())
+    refiner = {**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}
+    (broken_copy / "model_index.json").write_text(json.dumps(refiner))
+    out = tmp_path / "b"
+    assert_clean_failure(*run_export(capsys, broken_copy, "-o", out), out, "SDXL refiner", "not supported")
+
+
+def test_sdxl_folder_without_its_second_text_encoder(capsys, broken_copy, tmp_path):
     index = json.loads((broken_copy / "model_index.json").read_text())
     (broken_copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
     out = tmp_path / "b"
-    assert_clean_failure(*run_export(capsys, broken_copy, "-o", out), out, "SDXL", "not supported")
+    assert_clean_failure(*run_export(capsys, broken_copy, "-o", out), out, "text_encoder_2", "incomplete")
 
 
 def test_truncated_weights(capsys, broken_copy, tmp_path):
