@@ -17,10 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from diffrt.bundle import TOKENIZER, Manifest, load_manifest
+from diffrt.bundle import TOKENIZER, TOKENIZER_2, Manifest, load_manifest
 from diffrt.engine.backends import Backend, Session, make_backend
+from diffrt.engine.conditioning import (
+    Prompts,
+    Size,
+    TextEncoder,
+    guidance_embedding,
+    per_image,
+    text_conditioning,
+    time_ids,
+)
 from diffrt.engine.images import to_hwc, to_pil
-from diffrt.engine.samplers import resolve_sampler, run_sampler
+from diffrt.engine.samplers import default_sampler, resolve_sampler, run_sampler
 from diffrt.engine.tokenizer import ClipTokenizer
 from diffrt.errors import BadInput, NonFiniteOutput
 
@@ -46,6 +55,12 @@ class Pipeline:
         for name, entry in manifest.components.items():
             path = bundle / entry.files.get(backend.precision, entry.files["fp32"])
             self.sessions[name] = backend.load(entry.spec, path)
+        self.text_encoders = [TextEncoder(self.tokenizer, self.sessions["text_encoder"])]
+        if manifest.tokenizer_2 is not None:  # SDXL
+            tokenizer_2 = ClipTokenizer(bundle / TOKENIZER_2, manifest.tokenizer_2)
+            self.text_encoders.append(TextEncoder(tokenizer_2, self.sessions["text_encoder_2"]))
+        self.unet_inputs = {t.name: t for t in manifest.components["unet"].spec.inputs}
+        self.default_sampler = default_sampler(manifest.scheduler)
         self._lock = threading.Lock()
         self._warned_no_upscaler = False
 
@@ -66,7 +81,7 @@ class Pipeline:
         negative_prompt: str | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
-        scheduler: str = "dpmpp_2m_karras",
+        scheduler: str | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images: int = 1,
@@ -75,7 +90,17 @@ class Pipeline:
         upscale: bool = True,
         output_type: str = "pil",
         callback: Callable[[int, int], None] | None = None,
+        *,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | None = None,
+        original_size: Size | None = None,
+        target_size: Size | None = None,
+        crops_coords_top_left: Size = (0, 0),
     ) -> PipelineOutput:
+        """Generate images. `scheduler` None is the bundle's default: the distilled models' own (LCM, Turbo),
+        else DPM++ 2M Karras. SDXL bundles also take diffusers' `prompt_2` / `negative_prompt_2` (default: the
+        first prompts) and size conditions `original_size` / `target_size` (default (height, width)) and
+        `crops_coords_top_left` (default (0, 0)); other bundles ignore them."""
         with self._lock:
             return self._generate(
                 prompt,
@@ -91,6 +116,7 @@ class Pipeline:
                 upscale,
                 output_type,
                 callback,
+                (prompt_2, negative_prompt_2, original_size, target_size, crops_coords_top_left),
             )
 
     def check_request(
@@ -159,40 +185,46 @@ class Pipeline:
         upscale,
         output_type,
         callback,
+        xl,
     ) -> PipelineOutput:
         start = time.perf_counter()
-        scheduler = resolve_sampler(scheduler)
+        prompt_2, negative_prompt_2, original_size, target_size, crops = xl
+        scheduler = resolve_sampler(scheduler or self.default_sampler)
         height, width = self.check_request(steps, guidance, height, width, num_images, latents, output_type)
-        prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != num_images:
-            raise BadInput(f"got {len(prompts)} prompts for num_images={num_images}; pass one prompt or one each")
+        prompts = per_image(prompt, num_images, "prompt")
+        prompts_2 = prompts if prompt_2 is None else per_image(prompt_2, num_images, "prompt_2")
         if upscale and not self.has_upscaler and not self._warned_no_upscaler:
             log.info("bundle has no upscaler: images stay at %dx%d", width, height)
             self._warned_no_upscaler = True
         timings: dict[str, float] = {}
-        cfg = guidance > 1.0  # at <= 1 the unconditional half changes nothing: skip it
+        # at <= 1 the unconditional half changes nothing: skip it; LCM takes guidance as an input instead
+        cfg = guidance > 1.0 and self.manifest.model.classifier_free_guidance
 
-        t0 = time.perf_counter()
-        texts = ([negative_prompt or ""] * num_images if cfg else []) + prompts
-        ids = self.tokenizer(texts)
-        timings["tokenizer"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        context = self.sessions["text_encoder"].run({"input_ids": ids})["text_embeddings"]  # (2B|B, 77, D)
-        timings["text_encoder"] = time.perf_counter() - t0
+        conditions = text_conditioning(
+            self.text_encoders,
+            Prompts(prompts, prompts_2, negative_prompt, negative_prompt_2),
+            cfg,
+            self.manifest.model.force_zeros_for_empty_prompt,
+            timings,
+        )  # encoder_hidden_states (2B|B, 77, D) [, text_embeds (2B|B, P)]
+        batch = conditions["encoder_hidden_states"].shape[0]
+        if "time_ids" in self.unet_inputs:
+            size = (height, width)
+            conditions["time_ids"] = time_ids(original_size or size, crops, target_size or size, batch)
+        if "timestep_cond" in self.unet_inputs:
+            width_cond = self.unet_inputs["timestep_cond"].shape[1]
+            conditions["timestep_cond"] = guidance_embedding(guidance, width_cond, batch)  # (2B|B, W)
 
         rng = np.random.default_rng(seed)
         f, c = self.manifest.model.vae_scale_factor, self.manifest.model.latent_channels
         if latents is None:
             latents = rng.standard_normal((num_images, c, height // f, width // f), dtype=np.float32)
         unet, unet_times = self.sessions["unet"], []
-        batch = context.shape[0]
 
         def eps_fn(x_in: np.ndarray, t: float) -> np.ndarray:
             sample = np.concatenate([x_in, x_in]) if cfg else x_in  # (2B|B, C, h, w)
             t1 = time.perf_counter()
-            out = unet.run(
-                {"sample": sample, "timestep": np.full((batch,), t, np.float32), "encoder_hidden_states": context}
-            )["noise_pred"]
+            out = unet.run({"sample": sample, "timestep": np.full((batch,), t, np.float32), **conditions})["noise_pred"]
             unet_times.append(time.perf_counter() - t1)
             if not cfg:
                 return out
@@ -258,6 +290,7 @@ class Pipeline:
             "seed": seed,
             "num_images": num_images,
             "upscaled": upscaled,
+            **({"prompt_2": prompts_2[0]} if len(self.text_encoders) > 1 else {}),
             "model_hash": self.manifest.source.get("sha256", ""),
         }
         return PipelineOutput(out, timings, unet_times, parameters)

@@ -59,6 +59,16 @@ def resolve_sampler(name: str) -> str:
     return _ALIASES[key]
 
 
+def default_sampler(scheduler_config: Mapping[str, Any]) -> str:
+    """The sampler for a bundle when the caller names none. Few-step distilled models (LCM, and Turbo's
+    trailing-spaced schedulers) are tied to the scheduler they were distilled with; others get DPM++ 2M Karras."""
+    cls = str(scheduler_config.get("_class_name", ""))
+    own = _ALIASES.get(cls.lower())
+    if own and (cls == "LCMScheduler" or scheduler_config.get("timestep_spacing") == "trailing"):
+        return own
+    return "dpmpp_2m_karras"
+
+
 def to_d(x: np.ndarray, sigma: float, denoised: np.ndarray) -> np.ndarray:
     """Probability-flow ODE derivative dx/dsigma in VE space (Karras et al. 2022, eq. 4)."""
     return (x - denoised) * (1.0 / sigma)
