@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -252,8 +253,12 @@ def start(settings: ServeSettings, opts: RayOptions, host: str, port: int) -> bo
     if opts.address:
         ray.init(address=opts.address, logging_level=logging.WARNING)
     else:
-        # "local": always a cluster of our own, never one that `ray start` left running on this machine.
-        ray.init(address="local", _temp_dir=opts.tmp_dir, include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            # "local": always a cluster of our own, never one that `ray start` left running on this machine.
+            ray.init(address="local", _temp_dir=opts.tmp_dir, include_dashboard=False, logging_level=logging.WARNING)
+        except Exception:
+            _kill_own_ray_processes()
+            raise
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
@@ -261,6 +266,31 @@ def start(settings: ServeSettings, opts: RayOptions, host: str, port: int) -> bo
         stop(owned=not opts.address)
         raise
     return not opts.address
+
+
+def _kill_own_ray_processes() -> None:
+    """A failed local start leaves the processes it had already started (GCS, monitor, dashboard, ...) with no
+    handle to stop them, and this process would wait for them at exit: kill our own Ray descendants."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            # Field 4 of /proc/PID/stat is the parent; the name before it may contain spaces, hence rsplit on ")".
+            parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue
+    mine, todo = set(), [os.getpid()]
+    while todo:
+        parent = todo.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in mine:
+                mine.add(pid)
+                todo.append(pid)
+    for pid in mine:
+        try:
+            if b"/ray/" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def stop(owned: bool) -> None:
@@ -274,13 +304,19 @@ def stop(owned: bool) -> None:
         ray.shutdown()
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def run(settings: ServeSettings, opts: RayOptions, host: str, port: int) -> int:
     """`diffrt serve --ray`: deploy, serve until SIGINT/SIGTERM, then shut down cleanly."""
     t0 = time.perf_counter()
     try:
         owned = start(settings, opts, host, port)
     except RuntimeError as e:  # Serve reports a failed deployment (e.g. the bundle did not load) this way
-        raise BadInput(f"the Ray Serve deployment failed: {str(e).splitlines()[0] if str(e) else e}") from None
+        raise BadInput(f"the Ray Serve deployment failed: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - Ray did not start: one line, the details are in Ray's logs
+        raise BadInput(f"Ray did not start: {_first_line(e)}") from None
     log.info(
         "serving %s with Ray Serve on http://%s:%d (%.0f s to deploy)",
         settings.bundle,
