@@ -1,9 +1,11 @@
-"""Write a diffusers Stable Diffusion folder as one single-file checkpoint in the original CompVis / A1111 layout.
+"""Write a diffusers Stable Diffusion (1.x, 2.x, XL) folder as one single-file checkpoint in the original layout.
 
 This is the reverse of diffusers' single-file loading (``diffusers.loaders.single_file_utils``): the UNet goes
 under ``model.diffusion_model.``, the VAE under ``first_stage_model.``, SD1's CLIP text encoder under
 ``cond_stage_model.transformer.text_model.`` and SD2's OpenCLIP text encoder (a CLIP config with
-``hidden_act="gelu"``) under ``cond_stage_model.model.``, with q/k/v merged into ``attn.in_proj_*``.
+``hidden_act="gelu"``) under ``cond_stage_model.model.``, with q/k/v merged into ``attn.in_proj_*``. SDXL (Stability's
+generative-models layout): CLIP ViT-L under ``conditioner.embedders.0.transformer.text_model.``, OpenCLIP bigG
+under ``conditioner.embedders.1.model.``, the added text/time embedding as the UNet's ``label_emb``.
 
 The file also carries what real checkpoints carry beyond the weights diffusers reads, so that loaders meet it in
 tests: the DDPM schedule buffers (``betas``, ``alphas_cumprod``, ...), SD1's ``embeddings.position_ids``,
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPEN_CLIP = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
+XL_CLIP, XL_OPEN_CLIP = "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."
 
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
@@ -31,6 +34,8 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's added text/time embedding
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -129,17 +134,23 @@ def _vae(weights: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tens
     return out
 
 
-def _clip(weights: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """transformers CLIPTextModel (SD1) → the same names under ``cond_stage_model.transformer.text_model.``."""
-    out = {CLIP + key.removeprefix("text_model."): value for key, value in weights.items()}
-    out[CLIP + "embeddings.position_ids"] = torch.arange(config["max_position_embeddings"])[None]
+def _clip(weights: dict[str, torch.Tensor], config: dict, prefix: str = CLIP) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModel (SD1, SDXL's first encoder) → the same names under ``prefix``."""
+    out = {prefix + key.removeprefix("text_model."): value for key, value in weights.items()}
+    out[prefix + "embeddings.position_ids"] = torch.arange(config["max_position_embeddings"])[None]
     return out
 
 
-def _open_clip(weights: dict[str, torch.Tensor], config: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """transformers CLIPTextModel standing for SD2's OpenCLIP → open_clip's text tower names, plus the last
-    resblock that diffusers leaves out, ``text_projection`` and ``logit_scale``."""
+def _open_clip(
+    weights: dict[str, torch.Tensor], config: dict, gen: torch.Generator, prefix: str = OPEN_CLIP
+) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModel(WithProjection) standing for OpenCLIP → open_clip's text tower names.
+
+    SD2 (a CLIPTextModel): plus the last resblock that diffusers leaves out and a seeded ``text_projection``.
+    SDXL's bigG (with its projection): every resblock is in the folder, ``text_projection`` is its weight
+    transposed. Both get ``logit_scale``."""
     w = {key.removeprefix("text_model."): value for key, value in weights.items()}
+    projection = w.pop("text_projection.weight", None)
     out = {
         "token_embedding.weight": w.pop("embeddings.token_embedding.weight"),
         "positional_embedding": w.pop("embeddings.position_embedding.weight"),
@@ -156,15 +167,18 @@ def _open_clip(weights: dict[str, torch.Tensor], config: dict, gen: torch.Genera
     w.pop("embeddings.position_ids", None)
     if w:
         raise ValueError(f"no OpenCLIP name for text encoder keys {sorted(w)}")
-    for key in [k for k in out if k.startswith("transformer.resblocks.0.")]:  # the last layer, never run by SD2
-        value = out[key]
-        noise = torch.randn(value.shape, generator=gen, dtype=value.dtype) * 0.02
-        is_norm_scale = ".ln_" in key and key.endswith(".weight")
-        out[f"transformer.resblocks.{n}." + key.removeprefix("transformer.resblocks.0.")] = noise + is_norm_scale
     width, dtype = config["hidden_size"], out["ln_final.weight"].dtype
-    out["text_projection"] = torch.randn(width, config["projection_dim"], generator=gen, dtype=dtype) / width**0.5
+    if projection is not None:
+        out["text_projection"] = projection.T.contiguous()  # open_clip applies x @ text_projection
+    else:
+        for key in [k for k in out if k.startswith("transformer.resblocks.0.")]:  # the last layer, never run by SD2
+            value = out[key]
+            noise = torch.randn(value.shape, generator=gen, dtype=value.dtype) * 0.02
+            is_norm_scale = ".ln_" in key and key.endswith(".weight")
+            out[f"transformer.resblocks.{n}." + key.removeprefix("transformer.resblocks.0.")] = noise + is_norm_scale
+        out["text_projection"] = torch.randn(width, config["projection_dim"], generator=gen, dtype=dtype) / width**0.5
     out["logit_scale"] = torch.tensor(math.log(100.0), dtype=dtype)  # 0-d, as open_clip stores it
-    return {OPEN_CLIP + key: value for key, value in out.items()}
+    return {prefix + key: value for key, value in out.items()}
 
 
 def _ddpm_buffers(scheduler: dict) -> dict[str, torch.Tensor]:
@@ -204,7 +218,10 @@ def to_single_file(diffusers_folder: Path, out_path: Path, *, seed: int = 0) -> 
     state = _unet(*reversed(_load(folder / "unet")))
     state.update(_vae(*reversed(_load(folder / "vae"))))
     text_config, text_weights = _load(folder / "text_encoder")
-    if text_config.get("hidden_act") == "gelu":  # SD2: OpenCLIP ViT-H/14's text tower
+    if (folder / "text_encoder_2").is_dir():  # SDXL: CLIP ViT-L and OpenCLIP bigG under `conditioner.embedders`
+        state.update(_clip(text_weights, text_config, XL_CLIP))
+        state.update(_open_clip(*reversed(_load(folder / "text_encoder_2")), gen, XL_OPEN_CLIP))
+    elif text_config.get("hidden_act") == "gelu":  # SD2: OpenCLIP ViT-H/14's text tower
         state.update(_open_clip(text_weights, text_config, gen))
     else:
         state.update(_clip(text_weights, text_config))
