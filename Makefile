@@ -1,11 +1,11 @@
-# Quick start:  make demo   (export a tiny checkpoint and draw with it)      make test   (the test suite)
+# Quick start:  make demo   (draw with the built-in demo model)      make test   (the test suite)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
-PROMPT ?= a red circle on a blue background
+PROMPT ?= a small red circle on the left on a blue background
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint clean optimum-venv
+.PHONY: install demo tiny test lint clean optimum-venv
 
 install: $(STAMP)
 
@@ -16,9 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
+	$(VENV)/bin/diffrt generate demo "$(PROMPT)" -o out.png
+
+# A tiny random-weight checkpoint exported to build/tiny-sd1.bundle (what the benchmarks and docs use).
+tiny: $(STAMP)
 	$(PY) -m tests.builders.sd build/tiny-sd1 sd1 > /dev/null
 	$(VENV)/bin/diffrt export build/tiny-sd1 -o build/tiny-sd1.bundle --force
-	$(VENV)/bin/diffrt generate build/tiny-sd1.bundle "$(PROMPT)" --steps 20 -o out.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,7 +1,7 @@
 """Prompt accuracy of the demo model through diffrt and through diffusers, on the same checkpoint and latents.
 
     python benchmarks/demo_accuracy.py                     # the built-in demo (bundle built on first use)
-    python benchmarks/demo_accuracy.py --steps 20 --scheduler dpmpp_2m --guidance 7.5 --per-prompt
+    python benchmarks/demo_accuracy.py --steps 30 --scheduler euler --guidance 7.5 --per-prompt
 
 Prints, per implementation, the share of pictures with the right background colour, object colour, side (when
 the prompt names one) and shape, and how often the two implementations read the same.
@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from diffrt.demo import CHECKPOINT, demo_bundle
+from diffrt.demo import CHECKPOINT, DEMO_DEFAULTS, demo_bundle
 from diffrt.demo.accuracy import format_summary, run_suite, summary
 from diffrt.demo.reference import DIFFUSERS_SCHEDULERS, diffrt_generator, diffusers_generator
 
@@ -23,9 +23,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, help="bundle of the checkpoint (default: the demo bundle)")
     p.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="diffusers folder for the reference")
-    p.add_argument("--scheduler", default="dpmpp_2m", choices=sorted(DIFFUSERS_SCHEDULERS))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default=DEMO_DEFAULTS["scheduler"], choices=sorted(DIFFUSERS_SCHEDULERS))
+    p.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"])
+    p.add_argument("--guidance", type=float, default=DEMO_DEFAULTS["guidance"])
     p.add_argument("--no-diffusers", action="store_true", help="diffrt only")
     p.add_argument("--per-prompt", action="store_true", help="print every prompt's reading")
     args = p.parse_args()

@@ -54,6 +54,9 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+GENERATE_DEFAULTS = {"steps": 30, "guidance": 7.5, "scheduler": "dpmpp_2m_karras"}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -65,8 +68,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise BadInput(f"output folder {out.parent} does not exist; create it or choose another -o")
     bundle = args.bundle
+    defaults = GENERATE_DEFAULTS
     if bundle == "demo":  # the built-in bundle (a folder named demo is ./demo)
-        from diffrt.demo import demo_bundle, demo_is_built
+        from diffrt.demo import DEMO_DEFAULTS, demo_bundle, demo_is_built
+
+        defaults = DEMO_DEFAULTS
 
         if not demo_is_built():
             try:
@@ -86,9 +92,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = pipe(
             args.prompt,
             negative_prompt=args.negative,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            scheduler=args.scheduler,
+            num_inference_steps=defaults["steps"] if args.steps is None else args.steps,
+            guidance_scale=defaults["guidance"] if args.guidance is None else args.guidance,
+            scheduler=args.scheduler or defaults["scheduler"],
             height=height,
             width=width,
             num_images=args.num_images,
@@ -189,12 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="PNG path; with several images -0, -1, ... are added")
     p.add_argument("--negative", help="negative prompt")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--steps", type=int, help="sampling steps (default 30; demo: 20)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, <= 1: off (default 7.5; demo: 2)")
     p.add_argument(
         "--scheduler",
-        default="dpmpp_2m_karras",
-        help="sampler: ddim, pndm, euler, euler_a, heun, lms, "
+        help="sampler (default dpmpp_2m_karras; demo: dpmpp_2m): ddim, pndm, euler, euler_a, heun, lms, "
         "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde_karras, unipc, lcm (or their diffusers/A1111 names)",
     )
     p.add_argument("--seed", type=int, default=0)

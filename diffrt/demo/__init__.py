@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 CHECKPOINT = HERE / "checkpoint"  # diffusers folder, FP16 weights
 UPSCALER = HERE / "upscaler" / "REALESRGAN_ANIMAVIDEOV3_UP4X.param"  # + .bin beside it
+# `diffrt generate demo` settings: a model this small follows prompts best at low guidance (docs/demo.md has
+# the sweep these come from).
+DEMO_DEFAULTS = {"steps": 20, "guidance": 2.0, "scheduler": "dpmpp_2m"}
 
 
 def cache_dir() -> Path:
