@@ -65,9 +65,10 @@ def load(kind: str, args: argparse.Namespace):
     import torch
 
     if kind == "diffusers":
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
-        pipe = StableDiffusionPipeline.from_pretrained(args.checkpoint, safety_checker=None)
+        # the checkpoint's own pipeline class (SD or SDXL); SDXL takes no safety checker and ignores the argument
+        pipe = DiffusionPipeline.from_pretrained(args.checkpoint, safety_checker=None)
         spent = None
     else:
         from diffusers import DPMSolverMultistepScheduler
