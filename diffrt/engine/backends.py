@@ -76,8 +76,11 @@ class OrtCudaSession:
         key = tuple((k, v.shape) for k, v in feeds.items())
         if key not in self.per_shape:
             # A CUDA graph is tied to one set of shapes and addresses: one session per shape when enabled.
-            sess = self.make_session(self.cuda_graph) if self.cuda_graph or not self.per_shape else (
-                next(iter(self.per_shape.values()))[0])
+            sess = (
+                self.make_session(self.cuda_graph)
+                if self.cuda_graph or not self.per_shape
+                else (next(iter(self.per_shape.values()))[0])
+            )
             binding = sess.io_binding()
             inputs = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in feeds.items()}
             for k, v in inputs.items():
@@ -154,7 +157,9 @@ def make_backend(name: str, manifest: Manifest, threads: int = 0, bundle: Path |
         return TensorRTBackend(manifest)
     if name == "ort-cuda":
         if not cuda_available():
-            raise BadInput("backend ort-cuda needs onnxruntime-gpu and an NVIDIA GPU; install onnxruntime-gpu "
-                           "or use --backend ort-cpu")
+            raise BadInput(
+                "backend ort-cuda needs onnxruntime-gpu and an NVIDIA GPU; install onnxruntime-gpu "
+                "or use --backend ort-cpu"
+            )
         return OrtCudaBackend()
     return OrtCpuBackend(threads)

@@ -29,8 +29,12 @@ class ClipTokenizer:
             tokens = enc.ids  # bos ... eos, added by the tokenizer's post-processor
             if len(tokens) > n:
                 dropped = self._tok.decode(tokens[n - 1 : -1]).replace("</w>", " ").strip()
-                log.warning("prompt is %d tokens over the %d-token limit; dropped: %r", len(tokens) - n, n,
-                            dropped if len(dropped) < 80 else dropped[:77] + "...")
+                log.warning(
+                    "prompt is %d tokens over the %d-token limit; dropped: %r",
+                    len(tokens) - n,
+                    n,
+                    dropped if len(dropped) < 80 else dropped[:77] + "...",
+                )
                 tokens = tokens[: n - 1] + [self.info.eos_id]  # CLIP keeps eos last
             row[: len(tokens)] = tokens
         return ids

@@ -23,8 +23,23 @@ def generate(capsys, *args):
 
 def test_generate_writes_png_with_a1111_parameters(capsys, sd1_bundle, tmp_path):
     out = tmp_path / "img.png"
-    code, err = generate(capsys, sd1_bundle, "a red circle", "-o", out, "--steps", "3", "--seed", "4",
-                         "--negative", "blue", "--scheduler", "DPM++ 2M Karras", "--backend", "ort-cpu")
+    code, err = generate(
+        capsys,
+        sd1_bundle,
+        "a red circle",
+        "-o",
+        out,
+        "--steps",
+        "3",
+        "--seed",
+        "4",
+        "--negative",
+        "blue",
+        "--scheduler",
+        "DPM++ 2M Karras",
+        "--backend",
+        "ort-cpu",
+    )
     assert code == 0, err
     image = Image.open(out)
     assert image.size == (64, 64)
@@ -45,8 +60,9 @@ def test_same_seed_gives_identical_png_bytes(capsys, sd1_bundle, tmp_path):
 
 
 def test_num_images_writes_numbered_files(capsys, sd1_bundle, tmp_path):
-    code, _ = generate(capsys, sd1_bundle, "a cat", "-o", tmp_path / "x.png", "--steps", "2", "--num-images", "2",
-                       "--size", "32x64")
+    code, _ = generate(
+        capsys, sd1_bundle, "a cat", "-o", tmp_path / "x.png", "--steps", "2", "--num-images", "2", "--size", "32x64"
+    )
     assert code == 0
     for i in range(2):
         assert Image.open(tmp_path / f"x-{i}.png").size == (32, 64)
@@ -150,6 +166,7 @@ def test_generate_never_imports_torch_diffusers_or_transformers(sd1_bundle, tmp_
         print("clean")
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert proc.returncode == 0 and "clean" in proc.stdout, proc.stderr[-2000:]
