@@ -54,7 +54,16 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-GENERATE_DEFAULTS = {"steps": 30, "guidance": 7.5, "scheduler": "dpmpp_2m_karras"}
+# scheduler None: the bundle's own default (LCM's and Turbo's samplers, else DPM++ 2M Karras).
+GENERATE_DEFAULTS = {"steps": 30, "guidance": 7.5, "scheduler": None}
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected two integers separated by a comma, e.g. 1024,1024") from None
+    return a, b
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -81,6 +90,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 pass  # demo_bundle names the missing extra
         bundle = demo_bundle()
     pipe = Pipeline.load(bundle, backend=args.backend, threads=args.threads)
+    sdxl_args = (
+        args.prompt_2,
+        args.negative_prompt_2,
+        args.original_size,
+        args.target_size,
+        args.crops_coords_top_left,
+    )
+    if pipe.manifest.model.family != "sdxl" and any(v is not None for v in sdxl_args):
+        raise BadInput(
+            f"--prompt-2, --negative-prompt-2 and the size/crop options apply to SDXL bundles; {args.bundle} is "
+            f"{pipe.manifest.model.family}: leave them out"
+        )
     bars: list[tqdm] = []  # made on the first step, so that a request refused up front prints only its error
 
     def progress(step: int, total: int) -> None:
@@ -101,6 +122,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             upscale=not args.no_upscale,
             callback=progress,
+            prompt_2=args.prompt_2,
+            negative_prompt_2=args.negative_prompt_2,
+            original_size=args.original_size,
+            target_size=args.target_size,
+            crops_coords_top_left=args.crops_coords_top_left or (0, 0),
         )
     finally:
         for bar in bars:
@@ -199,12 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, <= 1: off (default 7.5; demo: 2)")
     p.add_argument(
         "--scheduler",
-        help="sampler (default dpmpp_2m_karras; demo: dpmpp_2m): ddim, pndm, euler, euler_a, heun, lms, "
+        help="sampler (default: the bundle's, i.e. lcm for LCM, the checkpoint's for Turbo, else dpmpp_2m_karras; "
+        "demo: dpmpp_2m): ddim, pndm, euler, euler_a, heun, lms, "
         "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde_karras, unipc, lcm (or their diffusers/A1111 names)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=_size, metavar="WxH", help="image size (default: the checkpoint's native size)")
     p.add_argument("--num-images", type=int, default=1)
+    sdxl = p.add_argument_group("SDXL conditioning (diffusers' names and defaults)")
+    sdxl.add_argument("--prompt-2", help="prompt for the second text encoder (default: the prompt)")
+    sdxl.add_argument("--negative-prompt-2", help="negative prompt for the second text encoder (default: --negative)")
+    sdxl.add_argument("--original-size", type=_pair, metavar="H,W", help="default: the image size")
+    sdxl.add_argument("--target-size", type=_pair, metavar="H,W", help="default: the image size")
+    sdxl.add_argument("--crops-coords-top-left", type=_pair, metavar="TOP,LEFT", help="default: 0,0")
     p.add_argument("--no-upscale", action="store_true", help="skip the bundle's upscaler")
     p.add_argument("--backend", default="auto", help="auto, tensorrt, ort-cuda or ort-cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for ort-cpu (default: all cores)")
@@ -220,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--size", type=_size, metavar="WxH", help="image size (default: native)")
     p.add_argument("--batch", type=int, default=1, help="images per call")
-    p.add_argument("--scheduler", default="dpmpp_2m_karras")
+    p.add_argument("--scheduler", help="sampler (default: the bundle's)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=10)

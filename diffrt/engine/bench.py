@@ -24,7 +24,7 @@ class BenchSettings:
     width: int | None = None  # None: the bundle's native size
     height: int | None = None
     batch: int = 1  # images per call
-    scheduler: str = "dpmpp_2m_karras"
+    scheduler: str | None = None  # None: the bundle's default sampler
     guidance_scale: float = 7.5
     warmup: int = 2  # untimed runs first: session/graph/CUDA-graph set-up and caches
     runs: int = 10
@@ -71,8 +71,14 @@ def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
     pipe = Pipeline.load(bundle, backend=s.backend, threads=s.threads)
     load_s = time.perf_counter() - t0
     call = dict(
-        num_inference_steps=s.steps, guidance_scale=s.guidance_scale, scheduler=s.scheduler, height=s.height,
-        width=s.width, num_images=s.batch, upscale=s.upscale, output_type="np",
+        num_inference_steps=s.steps,
+        guidance_scale=s.guidance_scale,
+        scheduler=s.scheduler,
+        height=s.height,
+        width=s.width,
+        num_images=s.batch,
+        upscale=s.upscale,
+        output_type="np",
     )
     for i in range(s.warmup):
         pipe(PROMPT, seed=i, **call)
@@ -117,7 +123,8 @@ def format_table(report: dict) -> str:
     s = report["settings"]
     lines = [
         f"diffrt bench  backend={report['backend']}  {s['width']}x{s['height']}  batch={s['batch']}  "
-        f"steps={s['steps']}  scheduler={s['scheduler']}  runs={s['runs']} (+{s['warmup']} warm-up)",
+        f"steps={s['steps']}  scheduler={s['scheduler'] or 'bundle default'}  "
+        f"runs={s['runs']} (+{s['warmup']} warm-up)",
         f"{'stage':<14}{'median ms':>12}{'p90 ms':>12}",
     ]
     for name, st in report["stages"].items():
