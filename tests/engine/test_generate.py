@@ -79,6 +79,8 @@ def test_num_images_writes_numbered_files(capsys, sd1_bundle, tmp_path):
         (["--guidance", "nan"], ["guidance_scale"]),
         (["--num-images", "0"], ["num_images"]),
         (["--backend", "warp"], ["unknown backend"]),
+        (["--prompt-2", "a dog"], ["SDXL", "sd1"]),
+        (["--original-size", "512,512"], ["SDXL"]),
     ],
 )
 def test_bad_generate_arguments_exit_2_with_one_line(capsys, sd1_bundle, tmp_path, args, words):
@@ -89,6 +91,21 @@ def test_bad_generate_arguments_exit_2_with_one_line(capsys, sd1_bundle, tmp_pat
     for w in words:
         assert w in last, (w, last)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_sdxl_conditioning_options_reach_the_pipeline(capsys, sdxl_bundle, tmp_path):
+    """--prompt-2 and the size conditions change the SDXL picture as the same Pipeline call does."""
+    base = ["a red circle", "--steps", "3", "--size", "64x64"]
+    code, err = generate(capsys, sdxl_bundle, *base, "-o", tmp_path / "a.png")
+    assert code == 0, err
+    code, err = generate(capsys, sdxl_bundle, *base, "-o", tmp_path / "b.png", "--prompt-2", "a blue square",
+                         "--original-size", "32,48", "--crops-coords-top-left", "8,0")  # fmt: skip
+    assert code == 0, err
+    pipe = Pipeline.load(sdxl_bundle, backend="ort-cpu")
+    want = pipe("a red circle", num_inference_steps=3, height=64, width=64, prompt_2="a blue square",
+                original_size=(32, 48), crops_coords_top_left=(8, 0), upscale=False).images[0]  # fmt: skip
+    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png"))
+    assert not np.array_equal(a, b) and np.array_equal(b, np.asarray(want))
 
 
 def test_bad_latents_are_refused(sd1_bundle):
