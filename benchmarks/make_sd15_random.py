@@ -19,7 +19,7 @@ def build(folder: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffrt.bundle import SD_SCHEDULER
+    from diffrt.bundle import SD_SCHEDULER, sd_model_index
     from diffrt.export.tokenizer import clip_bpe_files
 
     torch.manual_seed(seed)
@@ -63,19 +63,7 @@ def build(folder: Path, seed: int = 0) -> Path:
     scheduler = SD_SCHEDULER
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler/scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    (folder / "model_index.json").write_text(json.dumps(sd_model_index("PNDMScheduler"), indent=2))
     print(f"UNet parameters: {sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M")
     return folder
 

@@ -38,6 +38,25 @@ SDXL_SCHEDULER = {
     "timestep_spacing": "leading",
     "use_karras_sigmas": False,
 }
+
+
+def sd_model_index(scheduler_class: str) -> dict:
+    """model_index.json of a diffusers StableDiffusionPipeline folder without a safety checker, as the folders
+    diffrt writes itself (demo training, benchmark and test checkpoints) declare it."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", scheduler_class],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+
+
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer/tokenizer.json"
 TOKENIZER_2 = "tokenizer_2/tokenizer.json"  # SDXL's second text encoder's tokenizer

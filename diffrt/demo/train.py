@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffrt.bundle import SD_SCHEDULER
+from diffrt.bundle import SD_SCHEDULER, sd_model_index
 from diffrt.demo import scenes
 from diffrt.export.tokenizer import word_bpe_files
 
@@ -276,23 +276,7 @@ def save_folder(out: Path, text_encoder, unet, vae, cfg: TrainConfig) -> None:
         module.to(torch.float32)
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(cfg), indent=2))
-    (out / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "_diffusers_version": "0.42.1",
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "scheduler": ["diffusers", "PNDMScheduler"],
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
-            },
-            indent=2,
-        )
-    )
+    (out / "model_index.json").write_text(json.dumps(sd_model_index("PNDMScheduler"), indent=2))
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from diffrt.bundle import SD_SCHEDULER
+from diffrt.bundle import SD_SCHEDULER, sd_model_index
 from diffrt.export.tokenizer import word_bpe_files
 
 Flavour = Literal["sd1", "sd2"]
@@ -101,24 +101,8 @@ def build_sd(folder: Path, flavour: Flavour = "sd1", seed: int = 0, *, sample_si
     vae.save_pretrained(folder / "vae")
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(flavour), indent=2))
-    pipeline = "StableDiffusionPipeline"
-    (folder / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": pipeline,
-                "_diffusers_version": "0.42.1",
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "scheduler": ["diffusers", _scheduler_config(flavour)["_class_name"]],
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
-            },
-            indent=2,
-        )
-    )
+    index = sd_model_index(_scheduler_config(flavour)["_class_name"])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
 
