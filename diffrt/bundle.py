@@ -13,7 +13,15 @@ from typing import Literal
 from diffrt.errors import BadInput
 from diffrt.specs import ComponentSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: component roles in the specs, a VAE encoder, bundle defaults; 1 is read and upgraded
+# Schema 1 wrote no roles: the pipeline's roles of the components it had (later bundles carry them in the specs).
+_V1_ROLES = {
+    "text_encoder": {"cfg_batched": True},
+    "text_encoder_2": {"cfg_batched": True},
+    "unet": {"cfg_batched": True, "per_step": True},
+    "upscaler": {"tiled": True},
+}
+_V1_STEADY = ("encoder_hidden_states", "text_embeds", "time_ids", "timestep_cond")
 # SD 1.x/2.x's training noise schedule as diffusers writes it (PNDM with PLMS steps); releases differ only
 # in prediction_type. Used where no checkpoint config exists: single files, benchmarks, test checkpoints.
 SD_SCHEDULER = {
@@ -67,7 +75,7 @@ Precision = Literal["fp32", "fp16"]
 class ModelInfo:
     family: Literal["sd1", "sd2", "sdxl"]  # label only: behaviour follows the fields below and the specs
     prediction_type: Literal["epsilon", "v_prediction", "sample"]
-    latent_channels: int
+    latent_channels: int  # the VAE's (an inpainting UNet takes more: see Manifest.inpainting_unet)
     vae_scale_factor: int  # image pixels per latent pixel
     scaling_factor: float  # latents are divided by this before the VAE decoder
     default_size: int  # the checkpoint's native image side in pixels
@@ -111,6 +119,15 @@ class Manifest:
     source: dict = field(default_factory=dict)  # what it was made from: path, sha256
     tools: dict = field(default_factory=dict)  # versions of the tools that made it
     schema_version: int = SCHEMA_VERSION
+    # generation defaults this bundle's model wants (num_inference_steps, guidance_scale, scheduler), over
+    # diffrt's own (diffrt.engine.request); the demo's small model sets them
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """The UNet takes latents + mask + masked-image latents (SD/SDXL inpainting checkpoints)."""
+        sample = self.components["unet"].spec.inputs[0]
+        return sample.shape[1] != self.model.latent_channels
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -136,7 +153,20 @@ class Manifest:
             source=d.get("source", {}),
             tools=d.get("tools", {}),
             schema_version=d["schema_version"],
+            defaults=dict(d.get("defaults", {})),
         )
+
+
+def upgrade_v1(d: dict) -> dict:
+    """A schema-1 manifest in schema 2's form: its components' roles and steady inputs, as the runtime used
+    them then. Such bundles have no VAE encoder: text to image only."""
+    d = json.loads(json.dumps(d))  # a deep copy
+    for name, entry in d.get("components", {}).items():
+        spec = entry.get("spec", {})
+        spec.update(_V1_ROLES.get(name, {}))
+        for t in spec.get("inputs", ()):
+            t["steady"] = t.get("name") in _V1_STEADY
+    return d
 
 
 def load_manifest(bundle: Path | str) -> Manifest:
@@ -158,6 +188,8 @@ def load_manifest(bundle: Path | str) -> Manifest:
         raise BadInput(
             f"{bundle} uses bundle schema {version}, newer than this diffrt supports ({SCHEMA_VERSION}); upgrade diffrt"
         )
+    if version == 1:
+        d = upgrade_v1(d)
     try:
         manifest = Manifest.from_dict(d)
     except (KeyError, TypeError, ValueError) as e:

@@ -54,10 +54,6 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-# scheduler None: the bundle's own default (LCM's and Turbo's samplers, else DPM++ 2M Karras).
-GENERATE_DEFAULTS = {"steps": 30, "guidance": 7.5, "scheduler": None}
-
-
 def _pair(text: str) -> tuple[int, int]:
     try:
         a, b = (int(v) for v in text.split(","))
@@ -66,22 +62,53 @@ def _pair(text: str) -> tuple[int, int]:
     return a, b
 
 
+SDXL_FLAGS = {  # Request field -> flag: SDXL conditioning, refused on other bundles
+    "prompt_2": "--prompt-2",
+    "negative_prompt_2": "--negative-prompt-2",
+    "original_size": "--original-size",
+    "target_size": "--target-size",
+    "crops_coords_top_left": "--crops-coords-top-left",
+}
+
+
+def request_from_args(args: argparse.Namespace):
+    """The generate flags as one Request; flags left out stay None, so the Request's defaults apply."""
+    from diffrt.engine.request import Request
+
+    width, height = args.size if args.size else (None, None)
+    fields = {
+        "negative_prompt": args.negative,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "scheduler": args.scheduler,
+        "height": height,
+        "width": width,
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "upscale": not args.no_upscale,
+        "image": args.image,
+        "mask_image": args.mask,
+        "strength": args.strength,
+        "paste_back": args.paste_back or None,
+        "mask_blur": args.mask_blur,
+        **{name: getattr(args, name) for name in SDXL_FLAGS},
+    }
+    return Request(args.prompt, **{k: v for k, v in fields.items() if v is not None})
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from diffrt.engine.images import parameters_text, save_png
     from diffrt.engine.pipeline import Pipeline
 
-    width, height = args.size if args.size else (None, None)
     out = Path(args.output)
     if not out.parent.is_dir():
         raise BadInput(f"output folder {out.parent} does not exist; create it or choose another -o")
+    request = request_from_args(args)
     bundle = args.bundle
-    defaults = GENERATE_DEFAULTS
     if bundle == "demo":  # the built-in bundle (a folder named demo is ./demo)
-        from diffrt.demo import DEMO_DEFAULTS, demo_bundle, demo_is_built
-
-        defaults = DEMO_DEFAULTS
+        from diffrt.demo import demo_bundle, demo_is_built
 
         if not demo_is_built():
             try:
@@ -90,19 +117,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 pass  # demo_bundle names the missing extra
         bundle = demo_bundle()
     pipe = Pipeline.load(bundle, backend=args.backend, threads=args.threads)
-    sdxl_args = (
-        args.prompt_2,
-        args.negative_prompt_2,
-        args.original_size,
-        args.target_size,
-        args.crops_coords_top_left,
-    )
-    if pipe.manifest.model.family != "sdxl" and any(v is not None for v in sdxl_args):
+    given = [flag for name, flag in SDXL_FLAGS.items() if getattr(args, name) is not None]
+    if pipe.manifest.model.family != "sdxl" and given:
         raise BadInput(
-            f"--prompt-2, --negative-prompt-2 and the size/crop options apply to SDXL bundles; {args.bundle} is "
-            f"{pipe.manifest.model.family}: leave them out"
+            f"{', '.join(given)} apply to SDXL bundles; {args.bundle} is {pipe.manifest.model.family}: leave them out"
         )
-    bars: list[tqdm] = []  # made on the first step, so that a request refused up front prints only its error
+    request = pipe.check_request(request)  # every mistake is reported before the progress bar starts
+    bars: list[tqdm] = []
 
     def progress(step: int, total: int) -> None:
         if not bars:
@@ -110,37 +131,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bars[0].update(1)
 
     try:
-        result = pipe(
-            args.prompt,
-            negative_prompt=args.negative,
-            num_inference_steps=defaults["steps"] if args.steps is None else args.steps,
-            guidance_scale=defaults["guidance"] if args.guidance is None else args.guidance,
-            scheduler=args.scheduler or defaults["scheduler"],
-            height=height,
-            width=width,
-            num_images=args.num_images,
-            seed=args.seed,
-            upscale=not args.no_upscale,
-            callback=progress,
-            prompt_2=args.prompt_2,
-            negative_prompt_2=args.negative_prompt_2,
-            original_size=args.original_size,
-            target_size=args.target_size,
-            crops_coords_top_left=args.crops_coords_top_left or (0, 0),
-        )
+        result = pipe.generate(request, callback=progress)
     finally:
         for bar in bars:
             bar.close()
     t = result.timings
     log.info("timings: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in t.items()))
-    text = parameters_text(args.prompt, args.negative, result.parameters)
     paths = (
         [out]
         if len(result.images) == 1
         else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))]
     )
-    for image, path in zip(result.images, paths):
-        save_png(image, path, text)
+    for i, (image, path) in enumerate(zip(result.images, paths)):
+        save_png(image, path, parameters_text(args.prompt, args.negative, result.parameters, index=i))
         log.info("wrote %s (%dx%d)", path, image.width, image.height)
     return 0
 
@@ -176,8 +179,77 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def span(text: str) -> tuple[int, int]:
+    """`N` or `MIN-MAX` -> (min, max)."""
+    try:
+        lo, _, hi = text.partition("-")
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or MIN-MAX, e.g. 512 or 256-768, got {text!r}") from None
+
+
+def add_build_parser(subparsers) -> argparse.ArgumentParser:
+    """`diffrt build`: the flags map onto trt_build.BuildOptions, and build_command writes them back."""
+    p = subparsers.add_parser(
+        "build",
+        help="TensorRT plans for a bundle (needs TensorRT and an NVIDIA GPU)",
+        description="Build strongly typed FP16 TensorRT plans from a bundle's FP16 ONNX graphs into "
+        "BUNDLE/trt/<key>/. The key covers the ONNX graphs, TensorRT version, GPU and these options, so "
+        "matching plans are reused and stale ones are never loaded.",
+    )
+    p.add_argument("bundle", type=Path, help="bundle directory made by `diffrt export`")
+    p.add_argument(
+        "--profile",
+        choices=["static", "dynamic"],
+        default="static",
+        help="static: one shape (fastest, least memory); dynamic: a range of sizes and batches (default static)",
+    )
+    p.add_argument("--height", type=span, metavar="PX|MIN-MAX", help="image height (default: native size)")
+    p.add_argument("--width", type=span, metavar="PX|MIN-MAX", help="image width (default: native size)")
+    p.add_argument("--batch", type=span, metavar="N|MIN-MAX", help="images per call (default 1)")
+    p.add_argument(
+        "--opt-level", type=int, default=3, metavar="0-5", help="TensorRT builder optimization level 0-5 (default 3)"
+    )
+    p.add_argument("--timing-cache", type=Path, metavar="FILE", help="persistent tactic timing cache to read/update")
+    p.add_argument("--workspace", type=float, metavar="GB", help="tactic scratch memory limit (default: TensorRT's)")
+    p.add_argument("--no-guidance", action="store_true", help="plans for guidance_scale <= 1 (UNet batch = images)")
+    p.set_defaults(func=cmd_build)
+    return p
+
+
+def options_from_args(args: argparse.Namespace):
+    from diffrt.engine.trt_build import BuildOptions
+
+    return BuildOptions(
+        profile=args.profile,
+        height=args.height,
+        width=args.width,
+        batch=args.batch,
+        guidance=not args.no_guidance,
+        opt_level=args.opt_level,
+        workspace_gb=args.workspace,
+    )
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from diffrt.engine.trt_build import build_bundle, check_build
+    from diffrt.engine.trt_env import available_reason
+
+    options = options_from_args(args)  # option and size mistakes first: they need no GPU to report
+    check_build(args.bundle, options)
+    reason = available_reason()
+    if reason:
+        raise BadInput(f"diffrt build needs TensorRT and an NVIDIA GPU: {reason}")
+    build_bundle(args.bundle, options, args.timing_cache)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffrt import __version__
+    from diffrt.demo import DEMO_DEFAULTS
+    from diffrt.engine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, Request, default_strength
+
+    demo = DEMO_DEFAULTS
 
     parser = argparse.ArgumentParser(prog="diffrt", description="Stable Diffusion checkpoints to fast engines.")
     parser.add_argument("--version", action="version", version=f"diffrt {__version__}")
@@ -221,17 +293,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="PNG path; with several images -0, -1, ... are added")
     p.add_argument("--negative", help="negative prompt")
-    p.add_argument("--steps", type=int, help="sampling steps (default 30; demo: 20)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, <= 1: off (default 7.5; demo: 2)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help=f"sampling steps (default: the bundle's, {DEFAULT_STEPS}; demo: {demo['num_inference_steps']})",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help=f"classifier-free guidance scale, <= 1: off (default: the bundle's, {DEFAULT_GUIDANCE:g}; "
+        f"demo: {demo['guidance_scale']:g})",
+    )
     p.add_argument(
         "--scheduler",
         help="sampler (default: the bundle's, i.e. lcm for LCM, the checkpoint's for Turbo, else dpmpp_2m_karras; "
-        "demo: dpmpp_2m): ddim, pndm, euler, euler_a, heun, lms, "
+        f"demo: {demo['scheduler']}): ddim, pndm, euler, euler_a, heun, lms, "
         "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde_karras, unipc, lcm (or their diffusers/A1111 names)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=_size, metavar="WxH", help="image size (default: the checkpoint's native size)")
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--seed", type=int, help=f"image i draws from seed + i (default {Request.seed})")
+    p.add_argument(
+        "--size", type=_size, metavar="WxH", help="image size (default: the native size; --image alone: its size)"
+    )
+    p.add_argument("--num-images", type=int)
+    job = p.add_argument_group("image to image and inpainting (diffusers' names and defaults)")
+    job.add_argument("--image", type=Path, metavar="FILE", help="init image (PNG, JPEG, WebP): image to image")
+    job.add_argument("--mask", type=Path, metavar="FILE", help="with --image: inpaint where the mask is white")
+    job.add_argument(
+        "--strength",
+        type=float,
+        help="share of the schedule run on the init image, (0, 1] (default: image to image "
+        f"{default_strength('sd1', False):g}, SDXL {default_strength('sdxl', False):g}; inpainting "
+        f"{default_strength('sd1', True):g}, SDXL {default_strength('sdxl', True):g})",
+    )
+    job.add_argument("--paste-back", action="store_true", help="inpainting: paste the unmasked original back")
+    job.add_argument(
+        "--mask-blur",
+        type=int,
+        metavar="PX",
+        help=f"blur of the paste-back mask in pixels (default {Request.mask_blur})",
+    )
     sdxl = p.add_argument_group("SDXL conditioning (diffusers' names and defaults)")
     sdxl.add_argument("--prompt-2", help="prompt for the second text encoder (default: the prompt)")
     sdxl.add_argument("--negative-prompt-2", help="negative prompt for the second text encoder (default: --negative)")
@@ -250,19 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("bundle")
     p.add_argument("--backend", default="auto", help="auto, tensorrt, ort-cuda or ort-cpu")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, help="sampling steps (default: the bundle's)")
     p.add_argument("--size", type=_size, metavar="WxH", help="image size (default: native)")
     p.add_argument("--batch", type=int, default=1, help="images per call")
     p.add_argument("--scheduler", help="sampler (default: the bundle's)")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the bundle's)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--no-upscale", action="store_true")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the report with the environment as JSON")
     p.set_defaults(func=cmd_bench)
-
-    from diffrt.engine.trt_cli import add_build_parser
 
     add_build_parser(sub)
 
@@ -276,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    # diffrt's own lines go to stderr as plain messages; a fresh handler per call follows sys.stderr.
+    # diffrt's own lines go to stderr as plain messages; a fresh handler per call follows sys.stderr, and is
+    # removed on return (main() may be called in-process, where that stderr may not outlive the call).
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
@@ -291,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffrt: interrupted", file=sys.stderr)
         return 130
+    finally:
+        log.removeHandler(handler)
 
 
 if __name__ == "__main__":

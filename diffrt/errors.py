@@ -6,7 +6,12 @@ class DiffrtError(Exception):
 
 
 class BadInput(DiffrtError):
-    """The user gave something diffrt cannot use (path, checkpoint, option, request)."""
+    """The user gave something diffrt cannot use (path, checkpoint, option, request). `field` names the request
+    field at fault where there is one (the HTTP service reports it)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class UnsupportedModel(BadInput):

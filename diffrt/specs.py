@@ -16,7 +16,7 @@ from diffrt.errors import BadInput
 
 Dim = int | str  # a fixed size, or the name of a symbolic dim
 Sample = Literal["normal", "uniform", "timestep", "tokens", "size"]
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "upscaler")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder", "upscaler")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class TensorSpec:
     shape: tuple[Dim, ...]
     sample: Sample = "normal"  # how sample inputs for validation and warm-up are drawn
     high: int = 0  # exclusive upper bound for "tokens" (the vocabulary size)
+    steady: bool = False  # the same for every call of one generation (text, size ids): uploaded when it changes
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,27 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     dims: tuple[tuple[str, DimRange], ...]  # symbolic dim -> allowed range
     multiples: tuple[tuple[str, int], ...] = ()  # symbolic dim -> value must be a multiple of this
-    derived: tuple[tuple[str, str, int], ...] = ()  # output-only dim = factor * input dim
+    derived: tuple[tuple[str, str, int], ...] = ()  # (dim, source, k): dim = k * source, never set on its own
+    # How the pipeline calls it (TensorRT profiles, CUDA graphs and buffers follow these, not component names):
+    cfg_batched: bool = False  # with classifier-free guidance it sees negative + positive rows, 2 x images
+    per_step: bool = False  # called at every sampler step: worth a CUDA graph
+    tiled: bool = False  # runs on tiles of the image: its shapes are tiles, profiles span the spec's ranges
 
     def all_dims(self, values: dict[str, int]) -> dict[str, int]:
-        """Input dims plus the output-only dims that follow from them."""
+        """The symbolic dims plus the derived dims that follow from them."""
         return {**values, **{d: values[src] * k for d, src, k in self.derived}}
+
+    def dims_of(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+        """The symbolic dims of a set of input shapes (derived dims traced back to their sources)."""
+        dims: dict[str, int] = {}
+        for t in self.inputs:
+            for d, n in zip(t.shape, shapes[t.name]):
+                if isinstance(d, str):
+                    dims[d] = int(n)
+        for d, src, k in self.derived:
+            if d in dims:
+                dims.setdefault(src, dims.pop(d) // k)
+        return dims
 
     @property
     def dim_ranges(self) -> dict[str, DimRange]:
@@ -115,6 +132,9 @@ class ComponentSpec:
             dims=tuple((k, DimRange(**r)) for k, r in d["dims"]),
             multiples=tuple((k, int(m)) for k, m in d.get("multiples", ())),
             derived=tuple((a, b, int(k)) for a, b, k in d.get("derived", ())),
+            cfg_batched=bool(d.get("cfg_batched", False)),
+            per_step=bool(d.get("per_step", False)),
+            tiled=bool(d.get("tiled", False)),
         )
 
 
@@ -127,7 +147,7 @@ class SDShapes:
     vocab_size: int
     max_length: int  # text tokens, 77 for CLIP
     text_hidden: int  # (first) text encoder width; the UNet's cross-attention width is the sum over encoders
-    latent_channels: int
+    latent_channels: int  # the VAE's
     unet_out_channels: int
     vae_scale_factor: int  # pixels per latent pixel, 8 for SD
     unet_downsamples: int  # latent size must be a multiple of 2**this
@@ -140,6 +160,7 @@ class SDShapes:
     pooled_dim: int = 0  # SDXL: pooled, projected text embedding of the second encoder -> UNet `text_embeds`
     time_ids: int = 0  # SDXL: micro-conditioning numbers (original size, crop top-left, target size) = 6
     time_cond_dim: int = 0  # LCM: width of the guidance-scale embedding -> UNet `timestep_cond`
+    unet_in_channels: int = 0  # 0: latent_channels; inpainting UNets take latents + mask + masked latents (9)
 
     @property
     def cross_attention_dim(self) -> int:
@@ -155,19 +176,21 @@ def _text_encoder_spec(name: str, vocab: int, s: SDShapes, hidden: int, pooled: 
         inputs=(TensorSpec("input_ids", "int32", ("batch", s.max_length), "tokens", vocab),),
         outputs=outputs,
         dims=(("batch", DimRange(1, 2, 2 * s.max_images)),),
+        cfg_batched=True,
     )
 
 
 def sd_specs(s: SDShapes) -> dict[str, ComponentSpec]:
-    """Specs for the text encoder(s), UNet and VAE decoder. Latent dims derive from the image range."""
+    """Specs for the text encoder(s), UNet and VAE encoder and decoder. Latent dims derive from the image range."""
     f = s.vae_scale_factor
     mult = 2**s.unet_downsamples
     lat = DimRange(s.image_min // f, s.image_opt // f, s.image_max // f)
     unet_batch = DimRange(1, 2, 2 * s.max_images)
     latent = ("batch", s.latent_channels, "latent_height", "latent_width")
+    spatial = (("latent_height", lat), ("latent_width", lat))
     # UNet inputs beyond SD 1.x's, present when their width is set (SDXL added conditions, LCM guidance)
     extra = tuple(
-        TensorSpec(name, "float32", ("batch", width), sample)
+        TensorSpec(name, "float32", ("batch", width), sample, steady=True)
         for name, width, sample in (
             ("text_embeds", s.pooled_dim, "normal"),
             ("time_ids", s.time_ids, "size"),
@@ -178,25 +201,40 @@ def sd_specs(s: SDShapes) -> dict[str, ComponentSpec]:
     specs = {"text_encoder": _text_encoder_spec("text_encoder", s.vocab_size, s, s.text_hidden, 0)}
     if s.text_hidden_2:
         specs["text_encoder_2"] = _text_encoder_spec("text_encoder_2", s.vocab_size_2, s, s.text_hidden_2, s.pooled_dim)
+    unet_in = s.unet_in_channels or s.latent_channels
     specs["unet"] = ComponentSpec(
         name="unet",
         inputs=(
-            TensorSpec("sample", "float32", latent),
+            TensorSpec("sample", "float32", ("batch", unet_in, "latent_height", "latent_width")),
             TensorSpec("timestep", "float32", ("batch",), "timestep"),
-            TensorSpec("encoder_hidden_states", "float32", ("batch", s.max_length, s.cross_attention_dim)),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", s.max_length, s.cross_attention_dim), steady=True),
             *extra,
         ),
         outputs=(TensorSpec("noise_pred", "float32", ("batch", s.unet_out_channels, "latent_height", "latent_width")),),
-        dims=(("batch", unet_batch), ("latent_height", lat), ("latent_width", lat)),
+        dims=(("batch", unet_batch), *spatial),
         multiples=(("latent_height", mult), ("latent_width", mult)),
+        cfg_batched=True,
+        per_step=True,
+    )
+    image = ("batch", 3, "height", "width")
+    pixels = (("height", "latent_height", f), ("width", "latent_width", f))
+    images = (("batch", DimRange(1, 1, s.max_images)), *spatial)
+    # the posterior's parameters: the runtime draws z = mean + exp(logvar / 2) eps itself (diffusers samples)
+    specs["vae_encoder"] = ComponentSpec(
+        name="vae_encoder",
+        inputs=(TensorSpec("image", "float32", image, "uniform"),),
+        outputs=(TensorSpec("latent_mean", "float32", latent), TensorSpec("latent_logvar", "float32", latent)),
+        dims=images,
+        multiples=(("latent_height", mult), ("latent_width", mult)),
+        derived=pixels,
     )
     specs["vae_decoder"] = ComponentSpec(
         name="vae_decoder",
         inputs=(TensorSpec("latent", "float32", latent),),
-        outputs=(TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
-        dims=(("batch", DimRange(1, 1, s.max_images)), ("latent_height", lat), ("latent_width", lat)),
+        outputs=(TensorSpec("image", "float32", image),),
+        dims=images,
         multiples=(("latent_height", mult), ("latent_width", mult)),
-        derived=(("height", "latent_height", f), ("width", "latent_width", f)),
+        derived=pixels,
     )
     return specs
 
@@ -213,4 +251,5 @@ def upscaler_spec(scale: int, tile: int, size_multiple: int = 1) -> ComponentSpe
         dims=(("batch", DimRange(1, 1, 4)), ("height", side), ("width", side)),
         multiples=(("height", m), ("width", m)),
         derived=(("out_height", "height", scale), ("out_width", "width", scale)),
+        tiled=True,
     )

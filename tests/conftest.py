@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HOME", os.path.join(tempfile.gettempdir(), "diffrt-tes
 
 import pytest  # noqa: E402
 
-from tests.builders.sd import build_sd  # noqa: E402
+from tests.builders.sd import build_sd, to_inpainting  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -101,3 +101,46 @@ def lcm_export(lcm_folder, tmp_path_factory):
 @pytest.fixture(scope="session")
 def lcm_bundle(lcm_export):
     return lcm_export[0]
+
+
+@pytest.fixture(scope="session")
+def sd1_inpaint_folder(tmp_path_factory):
+    """Tiny SD1 inpainting checkpoint: a 9-channel UNet (latents, mask, masked-image latents)."""
+    return to_inpainting(build_sd(tmp_path_factory.mktemp("ckpt") / "tiny-sd1-inpaint", "sd1", seed=6), seed=7)
+
+
+@pytest.fixture(scope="session")
+def sd1_inpaint_bundle(sd1_inpaint_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "sd1-inpaint"
+    _export(sd1_inpaint_folder, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sd2_inpaint_folder(tmp_path_factory):
+    """Tiny SD2 inpainting checkpoint: v-prediction, 9-channel UNet."""
+    return to_inpainting(build_sd(tmp_path_factory.mktemp("ckpt") / "tiny-sd2-inpaint", "sd2", seed=10), seed=11)
+
+
+@pytest.fixture(scope="session")
+def sd2_inpaint_bundle(sd2_inpaint_folder, tmp_path_factory):
+    """Exported without the validation pass (the SD1 and SDXL inpainting exports validate the 9-channel UNet);
+    the parity tests check its pictures against diffusers."""
+    out = tmp_path_factory.mktemp("bundle") / "sd2-inpaint"
+    _export(sd2_inpaint_folder, out, validate=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sdxl_inpaint_folder(tmp_path_factory):
+    """Tiny SDXL inpainting checkpoint (StableDiffusionXLInpaintPipeline, 9-channel UNet)."""
+    from tests.builders.sdxl import build_sdxl
+
+    return to_inpainting(build_sdxl(tmp_path_factory.mktemp("ckpt") / "tiny-sdxl-inpaint", seed=8), seed=9)
+
+
+@pytest.fixture(scope="session")
+def sdxl_inpaint_bundle(sdxl_inpaint_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "sdxl-inpaint"
+    _export(sdxl_inpaint_folder, out)
+    return out

@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 CHECKPOINT = HERE / "checkpoint"  # diffusers folder, FP16 weights
 UPSCALER = HERE / "upscaler" / "REALESRGAN_ANIMAVIDEOV3_UP4X.param"  # + .bin beside it
-# `diffrt generate demo` settings: a model this small follows prompts best at low guidance (docs/demo.md has
-# the sweep these come from).
-DEMO_DEFAULTS = {"steps": 20, "guidance": 2.0, "scheduler": "dpmpp_2m"}
+# The demo bundle's generation defaults, recorded in its manifest: a model this small follows prompts best at low
+# guidance (docs/demo.md has the sweep these come from).
+DEMO_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 2.0, "scheduler": "dpmpp_2m"}
 
 
 def cache_dir() -> Path:
@@ -31,10 +31,10 @@ def cache_dir() -> Path:
 
 
 def _key() -> str:
-    """Hash of the shipped files and the bundle schema: a changed model or format gets a fresh bundle."""
+    """Hash of the shipped files, the bundle schema and the defaults: any change gets a fresh bundle."""
     from diffrt.bundle import SCHEMA_VERSION
 
-    h = hashlib.sha256(f"schema {SCHEMA_VERSION}".encode())
+    h = hashlib.sha256(f"schema {SCHEMA_VERSION} {sorted(DEMO_DEFAULTS.items())}".encode())
     files = sorted(p for p in (*CHECKPOINT.rglob("*"), *UPSCALER.parent.iterdir()) if p.is_file())
     for path in files:
         h.update(path.relative_to(HERE).as_posix().encode())
@@ -63,5 +63,5 @@ def demo_bundle() -> Path:
         ) from None
     log.info("building the demo bundle once (about a minute) into %s", bundle)
     bundle.parent.mkdir(parents=True, exist_ok=True)
-    export_bundle(str(CHECKPOINT), bundle, upscaler=UPSCALER, opts=ExportOptions(force=True))
+    export_bundle(str(CHECKPOINT), bundle, upscaler=UPSCALER, opts=ExportOptions(force=True, defaults=DEMO_DEFAULTS))
     return bundle

@@ -86,7 +86,7 @@ class OrtCudaSession:
             for k, v in inputs.items():
                 binding.bind_ortvalue_input(k, v)
             outputs = {}
-            dims = _dims_from_feeds(self.spec, feeds)
+            dims = self.spec.dims_of({k: v.shape for k, v in feeds.items()})
             for t in self.spec.outputs:
                 shape = self.spec.shape(t, dims)
                 outputs[t.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(t.dtype), "cuda", 0)
@@ -100,15 +100,6 @@ class OrtCudaSession:
             inputs[k].update_inplace(np.ascontiguousarray(v))
         sess.run_with_iobinding(binding)
         return {k: v.numpy() for k, v in outputs.items()}
-
-
-def _dims_from_feeds(spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, int]:
-    dims: dict[str, int] = {}
-    for t in spec.inputs:
-        for d, n in zip(t.shape, feeds[t.name].shape):
-            if isinstance(d, str):
-                dims[d] = int(n)
-    return dims
 
 
 class OrtCudaBackend:
@@ -138,8 +129,8 @@ def make_backend(name: str, manifest: Manifest, threads: int = 0, bundle: Path |
     if name not in BACKENDS:
         raise BadInput(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
-        from diffrt.engine.trt import available_reason
         from diffrt.engine.trt_build import read_plan_records
+        from diffrt.engine.trt_env import available_reason
 
         reason = available_reason()
         if reason is None and bundle is not None and not read_plan_records(bundle):

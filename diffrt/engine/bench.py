@@ -7,11 +7,13 @@ import os
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from diffrt.engine.request import Request
 
 BENCH_SCHEMA = 1
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -20,12 +22,12 @@ PROMPT = "a photograph of an astronaut riding a horse"
 @dataclass(frozen=True)
 class BenchSettings:
     backend: str = "auto"
-    steps: int = 20
+    steps: int | None = None  # None: the bundle's default (as every generation setting below)
     width: int | None = None  # None: the bundle's native size
     height: int | None = None
     batch: int = 1  # images per call
     scheduler: str | None = None  # None: the bundle's default sampler
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None
     warmup: int = 2  # untimed runs first: session/graph/CUDA-graph set-up and caches
     runs: int = 10
     upscale: bool = True
@@ -70,7 +72,8 @@ def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
 
     pipe = Pipeline.load(bundle, backend=s.backend, threads=s.threads)
     load_s = time.perf_counter() - t0
-    call = dict(
+    request = Request(
+        PROMPT,
         num_inference_steps=s.steps,
         guidance_scale=s.guidance_scale,
         scheduler=s.scheduler,
@@ -80,13 +83,14 @@ def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
         upscale=s.upscale,
         output_type="np",
     )
+    request = pipe.check_request(request)  # the bundle's defaults, reported below
     for i in range(s.warmup):
-        pipe(PROMPT, seed=i, **call)
+        pipe.generate(replace(request, seed=tuple(range(i, i + s.batch))))
         if progress:
             progress()
     runs = []
     for i in range(s.runs):
-        out = pipe(PROMPT, seed=1000 + i, **call)
+        out = pipe.generate(replace(request, seed=tuple(range(1000 + i, 1000 + i + s.batch))))
         t = dict(out.timings)
         t["unet_steps"] = list(out.unet_times)
         t["host"] = t["denoise"] - t["unet"]  # sampler math, CFG combine, copies between UNet calls
@@ -102,12 +106,18 @@ def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
     model_sum = [r["text_encoder"] + r["unet"] + r["vae_decoder"] + r.get("upscaler", 0.0) for r in runs]
     overhead = [r["total"] - m for r, m in zip(runs, model_sum)]
     total = stages["total"]["median_ms"] / 1000
-    m = pipe.manifest.model
     return {
         "schema": BENCH_SCHEMA,
         "bundle": str(bundle),
         "backend": pipe.backend.name,
-        "settings": {**asdict(s), "width": s.width or m.default_size, "height": s.height or m.default_size},
+        "settings": {
+            **asdict(s),
+            "steps": request.num_inference_steps,
+            "guidance_scale": request.guidance_scale,
+            "scheduler": request.scheduler,
+            "width": request.width,
+            "height": request.height,
+        },
         "environment": environment(s.threads),
         "load_s": load_s,
         "stages": stages,

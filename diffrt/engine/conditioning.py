@@ -37,13 +37,6 @@ class Prompts:
     negative_2: str | None
 
 
-def per_image(prompt: str | list[str], n: int, what: str) -> list[str]:
-    prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
-    if len(prompts) != n:
-        raise BadInput(f"got {len(prompts)} {what}s for num_images={n}; pass one {what} or one each")
-    return prompts
-
-
 def encode(
     encoders: list[TextEncoder], texts: list[list[str]], timings: dict[str, float]
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -88,15 +81,27 @@ def text_conditioning(
     return out
 
 
-def time_ids(original_size: Size, crops_coords_top_left: Size, target_size: Size, rows: int) -> np.ndarray:
-    """SDXL's micro-conditioning (rows, 6): original (h, w), crop (top, left), target (h, w)."""
-    values = [*original_size, *crops_coords_top_left, *target_size]
-    if len(values) != 6 or not all(isinstance(v, int | np.integer) and v >= 0 for v in values):
-        raise BadInput(
-            "original_size, crops_coords_top_left and target_size must be pairs of non-negative integers, got "
-            f"{original_size!r}, {crops_coords_top_left!r}, {target_size!r}"
-        )
-    return np.tile(np.asarray(values, np.float32), (rows, 1))
+def time_ids(
+    original_size: Size,
+    crops_coords_top_left: Size,
+    target_size: Size,
+    n: int,
+    cfg: bool,
+    width: int = 6,
+    aesthetic: tuple[float, float] = (6.0, 2.5),
+) -> np.ndarray:
+    """SDXL's micro-conditioning, (2n|n, width), negative rows first: original (h, w), crop (top, left), then
+    target (h, w) (width 6), or the aesthetic score (width 5: the refiner's `requires_aesthetics_score`), whose
+    negative rows carry the negative score."""
+    head = [*original_size, *crops_coords_top_left]
+    if width == 5:
+        positive, negative = [*head, aesthetic[0]], [*head, aesthetic[1]]
+    elif width == 6:
+        positive = negative = [*head, *target_size]
+    else:
+        raise BadInput(f"this bundle's UNet takes {width} time ids; diffrt knows SDXL's 6 and the refiner's 5")
+    rows = [negative] * n + [positive] * n if cfg else [positive] * n
+    return np.asarray(rows, np.float32)
 
 
 def guidance_embedding(guidance_scale: float, dim: int, rows: int) -> np.ndarray:

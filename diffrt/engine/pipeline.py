@@ -1,14 +1,19 @@
-"""`diffrt.Pipeline`: prompt -> tokenizer -> text encoder -> sampler loop over the UNet -> VAE -> upscaler.
+"""`diffrt.Pipeline`: a Request -> text encoder(s) -> [VAE encoder] -> sampler loop over the UNet -> VAE decoder
+-> upscaler.
 
-Seeds: `np.random.default_rng(seed)` (PCG64) draws the initial noise first, as one standard-normal
-float32 array of shape (num_images, C, H/8, W/8); stochastic samplers then draw their per-step noise from
-the same generator, in step order. Same bundle, backend, seed and settings -> the same image.
+Jobs: text to image; image to image (the init image encoded, noised to the first kept step); inpainting with an
+inpainting UNet (latents + mask + masked-image latents as its input) or an ordinary one (the known region put
+back after every step). Which one follows from the request and the bundle's UNet spec.
+
+Seeds: image i of a call has its own generator `np.random.default_rng(seeds[i])` (PCG64), which draws, as
+diffusers draws from a generator per image: the init image's posterior noise (image jobs that encode it), the
+initial noise (1, C, H/8, W/8), the masked image's posterior noise (inpainting), then the stochastic samplers'
+per-step noise, in step order. Same bundle, backend, seeds and settings -> the same images.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -19,19 +24,13 @@ import numpy as np
 
 from diffrt.bundle import TOKENIZER, TOKENIZER_2, Manifest, load_manifest
 from diffrt.engine.backends import Backend, Session, make_backend
-from diffrt.engine.conditioning import (
-    Prompts,
-    Size,
-    TextEncoder,
-    guidance_embedding,
-    per_image,
-    text_conditioning,
-    time_ids,
-)
-from diffrt.engine.images import to_hwc, to_pil
-from diffrt.engine.samplers import default_sampler, resolve_sampler, run_sampler
+from diffrt.engine.conditioning import Prompts, TextEncoder, guidance_embedding, text_conditioning, time_ids
+from diffrt.engine.images import blurred, to_hwc, to_pil
+from diffrt.engine.request import Request, bundle_defaults, strength_in_schedule
+from diffrt.engine.samplers import denoise, initial, keep_known
+from diffrt.engine.schedules import make_schedule
 from diffrt.engine.tokenizer import ClipTokenizer
-from diffrt.errors import BadInput, NonFiniteOutput
+from diffrt.errors import NonFiniteOutput
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +38,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class PipelineOutput:
     images: list  # PIL images, or (H, W, 3) float32 arrays in [0, 1]
-    timings: dict[str, float]  # seconds: tokenizer, text_encoder, denoise (loop), unet (all calls), vae_decoder,
-    # upscaler, total
+    timings: dict[str, float]  # seconds: tokenizer, text_encoder, vae_encoder, denoise (loop), unet (all calls),
+    # vae_decoder, upscaler, total
     unet_times: list[float] = field(default_factory=list)  # seconds per UNet call
     parameters: dict = field(default_factory=dict)  # the settings used, for PNG metadata and logs
 
 
 class Pipeline:
-    """Text-to-image from a bundle. Thread-safe: calls on one Pipeline run one at a time."""
+    """Images from a bundle. Thread-safe: calls on one Pipeline run one at a time."""
 
     def __init__(self, bundle: Path, manifest: Manifest, backend: Backend):
         self.bundle, self.manifest, self.backend = bundle, manifest, backend
@@ -60,184 +59,130 @@ class Pipeline:
             tokenizer_2 = ClipTokenizer(bundle / TOKENIZER_2, manifest.tokenizer_2)
             self.text_encoders.append(TextEncoder(tokenizer_2, self.sessions["text_encoder_2"]))
         self.unet_inputs = {t.name: t for t in manifest.components["unet"].spec.inputs}
-        self.default_sampler = default_sampler(manifest.scheduler)
         self._lock = threading.Lock()
         self._warned_no_upscaler = False
 
     @classmethod
     def load(cls, bundle: str | Path, backend: str = "auto", threads: int = 0) -> Pipeline:
-        """Open a bundle directory (or "demo") on a backend: "tensorrt", "ort-cuda", "ort-cpu" or "auto"."""
+        """Open a bundle directory on a backend: "tensorrt", "ort-cuda", "ort-cpu" or "auto"."""
         bundle = Path(bundle)
         manifest = load_manifest(bundle)
         return cls(bundle, manifest, make_backend(backend, manifest, threads, bundle))
 
     @property
+    def default_sampler(self) -> str:
+        """The sampler a request that names none runs."""
+        return bundle_defaults(self.manifest)["scheduler"]
+
+    @property
     def has_upscaler(self) -> bool:
         return "upscaler" in self.sessions
 
-    def __call__(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 7.5,
-        scheduler: str | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_images: int = 1,
-        seed: int = 0,
-        latents: np.ndarray | None = None,
-        upscale: bool = True,
-        output_type: str = "pil",
-        callback: Callable[[int, int], None] | None = None,
-        *,
-        prompt_2: str | list[str] | None = None,
-        negative_prompt_2: str | None = None,
-        original_size: Size | None = None,
-        target_size: Size | None = None,
-        crops_coords_top_left: Size = (0, 0),
-    ) -> PipelineOutput:
-        """Generate images. `scheduler` None is the bundle's default: the distilled models' own (LCM, Turbo),
-        else DPM++ 2M Karras. SDXL bundles also take diffusers' `prompt_2` / `negative_prompt_2` (default: the
-        first prompts) and size conditions `original_size` / `target_size` (default (height, width)) and
-        `crops_coords_top_left` (default (0, 0)); other bundles ignore them."""
+    def __call__(self, prompt, *, callback: Callable[[int, int], None] | None = None, **settings) -> PipelineOutput:
+        """Generate images: `settings` are the fields of `diffrt.engine.request.Request` (diffusers' names:
+        negative_prompt, num_inference_steps, guidance_scale, scheduler, height, width, num_images, seed, latents,
+        image, strength, mask_image, ...). `callback(i, total)` runs after every UNet call."""
+        return self.generate(Request(prompt, **settings), callback)
+
+    def check_request(self, request: Request) -> Request:
+        """The request resolved against this bundle (defaults filled, images decoded), or BadInput. Services
+        call it to refuse a request before queueing it; the resolved request runs without resolving again."""
+        return request.resolve(self.manifest)
+
+    def generate(self, request: Request, callback: Callable[[int, int], None] | None = None) -> PipelineOutput:
+        r = request.resolve(self.manifest)
         with self._lock:
-            return self._generate(
-                prompt,
-                negative_prompt,
-                num_inference_steps,
-                guidance_scale,
-                scheduler,
-                height,
-                width,
-                num_images,
-                seed,
-                latents,
-                upscale,
-                output_type,
-                callback,
-                (prompt_2, negative_prompt_2, original_size, target_size, crops_coords_top_left),
-            )
+            return self._generate(r, callback)
 
-    def check_request(
-        self,
-        steps: int,
-        guidance: float,
-        height: int | None,
-        width: int | None,
-        num_images: int,
-        latents: np.ndarray | None = None,
-        output_type: str = "pil",
-    ) -> tuple[int, int]:
-        """Raise BadInput for settings this bundle cannot serve; return (height, width) with defaults filled.
-        Cheap: services call it to refuse a request before queueing it."""
-        m = self.manifest.model
-        height = height or m.default_size
-        width = width or m.default_size
-        if not isinstance(steps, int) or steps < 1:
-            raise BadInput(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-        if not math.isfinite(guidance):
-            raise BadInput(f"guidance_scale must be a finite number, got {guidance!r}")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise BadInput(f"num_images must be an integer >= 1, got {num_images!r}")
-        vae_spec = self.manifest.components["vae_decoder"].spec
-        max_images = vae_spec.dim_ranges["batch"].max
-        if num_images > max_images:
-            raise BadInput(
-                f"num_images={num_images} is more than this bundle's {max_images} per call; "
-                "make several calls or re-export"
-            )
-        f = m.vae_scale_factor
-        unet_spec = self.manifest.components["unet"].spec
-        mult = f * dict(unet_spec.multiples).get("latent_height", 1)
-        lat = unet_spec.dim_ranges["latent_height"]
-        for side, v in (("height", height), ("width", width)):  # checked in pixels, the user's unit
-            if not isinstance(v, int) or v % f:
-                raise BadInput(f"{side}={v} must be a multiple of {f}")
-            if v % mult:
-                raise BadInput(f"{side}={v} must be a multiple of {mult} for this checkpoint's UNet")
-            if not lat.min * f <= v <= lat.max * f:
-                raise BadInput(
-                    f"{side}={v} is outside this bundle's range [{lat.min * f}, {lat.max * f}]; "
-                    "choose a size in range or re-export with --image-range"
-                )
-        if latents is not None:
-            want = (num_images, m.latent_channels, height // f, width // f)
-            if not isinstance(latents, np.ndarray) or latents.shape != want or latents.dtype != np.float32:
-                got = (latents.shape, latents.dtype) if isinstance(latents, np.ndarray) else type(latents)
-                raise BadInput(f"latents must be a float32 array of shape {want}, got {got}")
-        if output_type not in ("pil", "np"):
-            raise BadInput(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        return height, width
+    def warm_up(self) -> None:
+        """One small real generation of the bundle's usual job (sessions allocate, graphs are captured)."""
+        gray = np.full((self.manifest.model.default_size,) * 2 + (3,), 0.5, np.float32)
+        job = {"image": gray, "mask_image": np.ones(gray.shape[:2], np.float32), "strength": 1.0}
+        self(
+            "warm-up",
+            num_inference_steps=1,
+            output_type="np",
+            **(job if "vae_encoder" in self.sessions else {}),
+        )
 
-    def _generate(
-        self,
-        prompt,
-        negative_prompt,
-        steps,
-        guidance,
-        scheduler,
-        height,
-        width,
-        num_images,
-        seed,
-        latents,
-        upscale,
-        output_type,
-        callback,
-        xl,
-    ) -> PipelineOutput:
+    def _encode(self, image: np.ndarray, eps: np.ndarray, timings: dict[str, float]) -> np.ndarray:
+        """Scaled latents (n, C, h, w) of one image (1, 3, H, W): the posterior sampled with eps, as diffusers."""
+        t0 = time.perf_counter()
+        out = self.sessions["vae_encoder"].run({"image": image})
+        timings["vae_encoder"] = timings.get("vae_encoder", 0.0) + time.perf_counter() - t0
+        mean, logvar = out["latent_mean"], out["latent_logvar"]
+        if not (np.isfinite(mean).all() and np.isfinite(logvar).all()):
+            raise NonFiniteOutput("vae_encoder produced NaN/inf; FP16 VAE overflow: use the FP32 bundle (ort-cpu)")
+        std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
+        return (mean + std * eps) * np.float32(self.manifest.model.scaling_factor)
+
+    def _generate(self, r: Request, callback: Callable[[int, int], None] | None) -> PipelineOutput:
         start = time.perf_counter()
-        prompt_2, negative_prompt_2, original_size, target_size, crops = xl
-        scheduler = resolve_sampler(scheduler or self.default_sampler)
-        height, width = self.check_request(steps, guidance, height, width, num_images, latents, output_type)
-        prompts = per_image(prompt, num_images, "prompt")
-        prompts_2 = prompts if prompt_2 is None else per_image(prompt_2, num_images, "prompt_2")
-        if upscale and not self.has_upscaler and not self._warned_no_upscaler:
-            log.info("bundle has no upscaler: images stay at %dx%d", width, height)
+        m = self.manifest.model
+        if r.upscale and not self.has_upscaler and not self._warned_no_upscaler:
+            log.info("bundle has no upscaler: images stay at %dx%d", r.width, r.height)
             self._warned_no_upscaler = True
         timings: dict[str, float] = {}
+        n = r.num_images
         # at <= 1 the unconditional half changes nothing: skip it; LCM takes guidance as an input instead
-        cfg = guidance > 1.0 and self.manifest.model.classifier_free_guidance
-
-        conditions = text_conditioning(
-            self.text_encoders,
-            Prompts(prompts, prompts_2, negative_prompt, negative_prompt_2),
-            cfg,
-            self.manifest.model.force_zeros_for_empty_prompt,
-            timings,
-        )  # encoder_hidden_states (2B|B, 77, D) [, text_embeds (2B|B, P)]
-        batch = conditions["encoder_hidden_states"].shape[0]
+        cfg = r.guidance_scale > 1.0 and m.classifier_free_guidance
+        prompts = Prompts(list(r.prompts), list(r.prompt_2), r.negative_prompt, r.negative_prompt_2)
+        conditions = text_conditioning(self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, timings)
+        batch = conditions["encoder_hidden_states"].shape[0]  # (2n|n, 77, D)
         if "time_ids" in self.unet_inputs:
-            size = (height, width)
-            conditions["time_ids"] = time_ids(original_size or size, crops, target_size or size, batch)
+            size = (r.height, r.width)
+            width = self.unet_inputs["time_ids"].shape[1]
+            aesthetic = (r.aesthetic_score, r.negative_aesthetic_score)
+            ids = time_ids(r.original_size or size, r.crops_coords_top_left, r.target_size or size, n, cfg, width,
+                           aesthetic)  # fmt: skip
+            conditions["time_ids"] = ids
         if "timestep_cond" in self.unet_inputs:
-            width_cond = self.unet_inputs["timestep_cond"].shape[1]
-            conditions["timestep_cond"] = guidance_embedding(guidance, width_cond, batch)  # (2B|B, W)
+            width = self.unet_inputs["timestep_cond"].shape[1]
+            conditions["timestep_cond"] = guidance_embedding(r.guidance_scale, width, batch)  # (2n|n, W)
 
-        rng = np.random.default_rng(seed)
-        f, c = self.manifest.model.vae_scale_factor, self.manifest.model.latent_channels
-        if latents is None:
-            latents = rng.standard_normal((num_images, c, height // f, width // f), dtype=np.float32)
-        unet, unet_times = self.sessions["unet"], []
+        f, c = m.vae_scale_factor, m.latent_channels
+        one = (1, c, r.height // f, r.width // f)
+        rngs = [np.random.default_rng(s) for s in r.seeds]
+
+        def draw(shape: tuple[int, ...] = one) -> np.ndarray:  # one draw per image generator, stacked
+            return np.concatenate([g.standard_normal((1, *shape[1:]), dtype=np.float32) for g in rngs])
+
+        schedule = make_schedule(r.scheduler, self.manifest.scheduler, r.num_inference_steps, r.strength,
+                                 strength_in_schedule(self.manifest))  # fmt: skip
+        nine = self.manifest.inpainting_unet
+        inpaint, full = r.mask_image is not None, r.strength == 1.0
+        z = None  # the init image's latents: image to image, and the known region of 4-channel inpainting
+        if r.image is not None and not (nine and full):
+            z = self._encode(r.image, draw(), timings)
+        eps = r.latents if r.latents is not None else draw()
+        after, extra = None, None
+        if inpaint:
+            posterior = draw()  # diffusers encodes the masked image for 4-channel UNets too: same stream
+            mask = r.mask_image[:, :, ::f, ::f]  # nearest onto the latent grid (1, 1, h, w)
+            if nine:
+                masked = self._encode(r.image * (r.mask_image < 0.5), posterior, timings)  # (n, C, h, w)
+                extra = np.concatenate([np.broadcast_to(mask, (n, 1, *one[2:])), masked], axis=1)
+                extra = np.concatenate([extra, extra]) if cfg else extra  # (2n|n, 1 + C, h, w)
+            else:
+                after = keep_known(schedule, z, eps, mask)
+        x = initial(schedule, eps) if z is None or (inpaint and full) else initial(schedule, eps, z)
+
+        unet, unet_times, guidance = self.sessions["unet"], [], r.guidance_scale
 
         def eps_fn(x_in: np.ndarray, t: float) -> np.ndarray:
-            sample = np.concatenate([x_in, x_in]) if cfg else x_in  # (2B|B, C, h, w)
+            sample = np.concatenate([x_in, x_in]) if cfg else x_in  # (2n|n, C, h, w)
+            if extra is not None:
+                sample = np.concatenate([sample, extra], axis=1)  # latents, mask, masked-image latents
             t1 = time.perf_counter()
             out = unet.run({"sample": sample, "timestep": np.full((batch,), t, np.float32), **conditions})["noise_pred"]
             unet_times.append(time.perf_counter() - t1)
             if not cfg:
                 return out
-            uncond, cond = out[:num_images], out[num_images:]
+            uncond, cond = out[:n], out[n:]
             return uncond + guidance * (cond - uncond)
 
-        def noise(shape: tuple[int, ...]) -> np.ndarray:
-            return rng.standard_normal(shape, dtype=np.float32)
-
         t0 = time.perf_counter()
-        latents = run_sampler(
-            scheduler, eps_fn, latents, self.manifest.scheduler, steps, noise=noise, callback=callback
-        )
+        latents = denoise(schedule, eps_fn, x, draw, callback, after)
         timings["denoise"] = time.perf_counter() - t0  # the whole loop: UNet calls + sampler/CFG host work
         timings["unet"] = sum(unet_times)
         if not np.isfinite(latents).all():
@@ -247,17 +192,20 @@ class Pipeline:
             )
 
         t0 = time.perf_counter()
-        decoded = self.sessions["vae_decoder"].run({"latent": latents / self.manifest.model.scaling_factor})["image"]
+        decoded = self.sessions["vae_decoder"].run({"latent": latents / m.scaling_factor})["image"]
         timings["vae_decoder"] = time.perf_counter() - t0
         if not np.isfinite(decoded).all():
             raise NonFiniteOutput(
                 "vae_decoder produced NaN/inf pixels; FP16 VAE overflow — use the FP32 bundle "
                 "(ort-cpu) or a VAE with FP32 islands"
             )
-        images = np.clip(decoded / 2 + 0.5, 0.0, 1.0)  # (B, 3, H, W)
+        images = np.clip(decoded / 2 + 0.5, 0.0, 1.0)  # (n, 3, H, W)
+        if r.paste_back:  # A1111's overlay: the original outside the (blurred) mask
+            alpha = blurred(r.mask_image, r.mask_blur)
+            images = (r.image / 2 + 0.5) * (1.0 - alpha) + images * alpha
 
         upscaled = None
-        if upscale and self.has_upscaler:
+        if r.upscale and self.has_upscaler:
             from diffrt.engine.upscale import upscale_tiled
 
             info = self.manifest.upscaler
@@ -277,20 +225,12 @@ class Pipeline:
         timings["total"] = time.perf_counter() - start
 
         out = to_hwc(images)
-        if output_type == "pil":
+        if r.output_type == "pil":
             out = [to_pil(im) for im in out]
         parameters = {
-            "prompt": prompts[0],
-            "negative_prompt": negative_prompt,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
-            "scheduler": scheduler,
-            "height": height,
-            "width": width,
-            "seed": seed,
-            "num_images": num_images,
+            **r.parameters(),
             "upscaled": upscaled,
-            **({"prompt_2": prompts_2[0]} if len(self.text_encoders) > 1 else {}),
+            **({"prompt_2": r.prompt_2[0]} if len(self.text_encoders) > 1 else {}),
             "model_hash": self.manifest.source.get("sha256", ""),
         }
         return PipelineOutput(out, timings, unet_times, parameters)

@@ -5,7 +5,11 @@ returns the denoised estimate in VE space (see `denoiser.py`), multistep history
 DDIM, PNDM and LCM take timesteps and alpha-bar instead (why: `denoiser.py`). Scalar coefficients are Python
 floats computed in float64, so the array math stays in the latents' float32.
 
-`run_sampler` is the pipeline's entry point: unit noise in, VP latents for the VAE out.
+Image to image starts at the schedule's `begin` from `initial(schedule, eps, z)`, the init latents noised the way
+diffusers' scheduler `add_noise` does. Every sampler takes `after(x, j)`, called once the sample has reached the
+j-th noise level of its loop (j = steps: the end): inpainting with an ordinary UNet puts the known region back
+there, as diffusers' inpainting pipelines do after each scheduler step. `denoise` runs a schedule and returns
+VP latents for the VAE; `run_sampler` is text to image from unit noise in one call.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from diffrt.engine.schedules import DIFFUSERS_CLASS, Schedule, make_schedule
 from diffrt.errors import BadInput
 
 NoiseFn = Callable[[tuple[int, ...]], np.ndarray]  # shape -> standard-normal float32 draws
+AfterFn = Callable[[np.ndarray, int], np.ndarray]  # (x at the loop's level j, j) -> x to carry on with
 SAMPLERS = tuple(DIFFUSERS_CLASS)
 STOCHASTIC = ("euler_a", "dpmpp_2m_sde_karras", "lcm")
 
@@ -69,6 +74,10 @@ def default_sampler(scheduler_config: Mapping[str, Any]) -> str:
     return "dpmpp_2m_karras"
 
 
+def _same(x: np.ndarray, j: int) -> np.ndarray:
+    return x
+
+
 def to_d(x: np.ndarray, sigma: float, denoised: np.ndarray) -> np.ndarray:
     """Probability-flow ODE derivative dx/dsigma in VE space (Karras et al. 2022, eq. 4)."""
     return (x - denoised) * (1.0 / sigma)
@@ -80,36 +89,39 @@ def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> 
     return math.sqrt(sigma_to**2 - up**2), up
 
 
-def sample_euler(model: Denoiser, x: np.ndarray, sigmas: Sequence[float]) -> np.ndarray:
+def sample_euler(model: Denoiser, x: np.ndarray, sigmas: Sequence[float], after: AfterFn = _same) -> np.ndarray:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, algorithm 2 without churn)."""
     s = [float(v) for v in sigmas]
     for i in range(len(s) - 1):
-        x = x + to_d(x, s[i], model(x, s[i])) * (s[i + 1] - s[i])
+        x = after(x + to_d(x, s[i], model(x, s[i])) * (s[i + 1] - s[i]), i + 1)
     return x
 
 
-def sample_euler_ancestral(model: Denoiser, x: np.ndarray, sigmas: Sequence[float], noise: NoiseFn) -> np.ndarray:
+def sample_euler_ancestral(
+    model: Denoiser, x: np.ndarray, sigmas: Sequence[float], noise: NoiseFn, after: AfterFn = _same
+) -> np.ndarray:
     """Ancestral Euler (Song et al. 2021 reverse SDE, k-diffusion's Euler a with eta = 1)."""
     s = [float(v) for v in sigmas]
     for i in range(len(s) - 1):
         down, up = get_ancestral_step(s[i], s[i + 1])
         x = x + to_d(x, s[i], model(x, s[i])) * (down - s[i])
         # diffusers draws at every step, the last (sigma_up = 0) too: draw it to stay on the same noise stream
-        x = x + noise(x.shape) * up
+        x = after(x + noise(x.shape) * up, i + 1)
     return x
 
 
-def sample_heun(model: Denoiser, x: np.ndarray, sigmas: Sequence[float]) -> np.ndarray:
-    """Heun's second-order method (Karras et al. 2022, algorithm 1); an Euler step into sigma = 0."""
+def sample_heun(model: Denoiser, x: np.ndarray, sigmas: Sequence[float], after: AfterFn = _same) -> np.ndarray:
+    """Heun's second-order method (Karras et al. 2022, algorithm 1); an Euler step into sigma = 0. Both halves
+    of a step end at level i + 1 (diffusers steps its scheduler, and inpainting blends, after each)."""
     s = [float(v) for v in sigmas]
     for i in range(len(s) - 1):
         d = to_d(x, s[i], model(x, s[i]))
         dt = s[i + 1] - s[i]
         if s[i + 1] == 0:
-            x = x + d * dt
+            x = after(x + d * dt, i + 1)
         else:
-            x2 = x + d * dt
-            x = x + (d + to_d(x2, s[i + 1], model(x2, s[i + 1]))) * (0.5 * dt)
+            x2 = after(x + d * dt, i + 1)
+            x = after(x + (d + to_d(x2, s[i + 1], model(x2, s[i + 1]))) * (0.5 * dt), i + 1)
     return x
 
 
@@ -133,13 +145,19 @@ def lms_coefficient(sigmas: Sequence[float], i: int, j: int, order: int) -> floa
     return half * total
 
 
-def sample_lms(model: Denoiser, x: np.ndarray, sigmas: Sequence[float], order: int = 4) -> np.ndarray:
-    """Linear multistep (Adams-Bashforth in sigma, up to `order` past derivatives; k-diffusion's LMS)."""
+def sample_lms(
+    model: Denoiser, x: np.ndarray, sigmas: Sequence[float], order: int = 4, begin: int = 0, after: AfterFn = _same
+) -> np.ndarray:
+    """Linear multistep (Adams-Bashforth in sigma, up to `order` past derivatives; k-diffusion's LMS).
+
+    Takes the whole chain and starts at step `begin`: as in diffusers, the coefficients are those of order
+    min(i + 1, order) at absolute step i, applied to the derivatives this run has (fewer, after a late start)."""
     s = [float(v) for v in sigmas]
     ds: list[np.ndarray] = []
-    for i in range(len(s) - 1):
+    for i in range(begin, len(s) - 1):
         ds = [to_d(x, s[i], model(x, s[i])), *ds][:order]  # newest first
-        x = x + sum(lms_coefficient(s, i, j, len(ds)) * d for j, d in enumerate(ds))
+        k = min(i + 1, order)
+        x = after(x + sum(lms_coefficient(s, i, j, k) * d for j, d in enumerate(ds)), i + 1 - begin)
     return x
 
 
@@ -150,6 +168,7 @@ def sample_dpmpp_2m(
     noise: NoiseFn | None = None,
     solver_type: str = "midpoint",
     final_first_order: bool = True,
+    after: AfterFn = _same,
 ) -> np.ndarray:
     """DPM-Solver++(2M) (Lu et al. 2022) in VE form with lambda = -log sigma; with `noise`, its SDE variant."""
     s = [float(v) for v in sigmas]
@@ -159,7 +178,7 @@ def sample_dpmpp_2m(
         denoised = model(x, s[i])
         z = noise(x.shape) if noise is not None else None  # drawn every step, as diffusers does
         if s[i + 1] == 0:  # exp(-h) = 0: both the ODE and the SDE step land on the denoised estimate
-            x, old = denoised, None
+            x, old = after(denoised, i + 1), None
             continue
         h = math.log(s[i] / s[i + 1])
         d1 = None  # first difference of the data predictions, scaled by the step ratio
@@ -175,6 +194,7 @@ def sample_dpmpp_2m(
             x = x * (s[i + 1] / s[i] * math.exp(-h)) + denoised * phi + z * (s[i + 1] * math.sqrt(phi))
             if d1 is not None:
                 x = x + d1 * (0.5 * phi if solver_type == "midpoint" else 1.0 - phi / (2.0 * h))
+        x = after(x, i + 1)
         old, h_last = denoised, h
     return x
 
@@ -221,6 +241,7 @@ def sample_unipc(
     variant: str = "bh2",
     lower_order_final: bool = True,
     disable_corrector: Sequence[int] = (),
+    after: AfterFn = _same,
 ) -> np.ndarray:
     """UniPC (Zhao et al. 2023): UniP-p predictor and UniC corrector on data predictions, multistep."""
     s = [float(v) for v in sigmas]
@@ -239,6 +260,8 @@ def sample_unipc(
             x = denoised
         elif s[i + 1] != s[i]:  # a Karras schedule ending at its own sigma_min repeats it: a zero step
             x = _unipc_update(x, s[i], s[i + 1], denoised, history[1:], p, variant == "bh2")
+        # the corrector restarts from x_last, not from this: as in diffusers, `after` reaches the model input only
+        x = after(x, i + 1)
     return x
 
 
@@ -248,13 +271,18 @@ def _ddim_jump(x: np.ndarray, eps: np.ndarray, a: float, a_prev: float) -> np.nd
 
 
 def sample_ddim(
-    model: Denoiser, x: np.ndarray, timesteps: Sequence[float], alpha_bar: Callable[[int], float], step_ratio: int
+    model: Denoiser,
+    x: np.ndarray,
+    timesteps: Sequence[float],
+    alpha_bar: Callable[[int], float],
+    step_ratio: int,
+    after: AfterFn = _same,
 ) -> np.ndarray:
     """DDIM with eta = 0 (Song et al. 2021): each step predicts x0 and eps and jumps step_ratio timesteps down."""
-    for t in (int(v) for v in timesteps):
+    for i, t in enumerate(int(v) for v in timesteps):
         a, a_prev = alpha_bar(t), alpha_bar(t - step_ratio)
         x0, eps = model.split(model.output(x, t), x, a)
-        x = x0 * math.sqrt(a_prev) + eps * math.sqrt(1.0 - a_prev)  # x0 may be clipped, eps is not
+        x = after(x0 * math.sqrt(a_prev) + eps * math.sqrt(1.0 - a_prev), i + 1)  # x0 may be clipped, eps is not
     return x
 
 
@@ -265,6 +293,7 @@ def sample_pndm(
     alpha_bar: Callable[[int], float],
     step_ratio: int,
     prk_calls: int = 0,
+    after: AfterFn = _same,
 ) -> np.ndarray:
     """PNDM (Liu et al. 2022): pseudo Runge-Kutta warm-up (prk_calls > 0), then pseudo linear multistep (PLMS)."""
     ts = [int(v) for v in timesteps]
@@ -279,10 +308,10 @@ def sample_pndm(
         t, start = ts[g], x
         e1 = model.output(x, t)
         ets.append(e1)
-        e2 = model.output(jump(start, e1, t, t - half), ts[g + 1])
-        e3 = model.output(jump(start, e2, t, ts[g + 1]), ts[g + 2])
-        e4 = model.output(jump(start, e3, t, ts[g + 2] - half), ts[g + 3])
-        x = jump(start, (e1 + 2.0 * e2 + 2.0 * e3 + e4) * (1.0 / 6.0), t, ts[g + 3])
+        e2 = model.output(after(jump(start, e1, t, t - half), g + 1), ts[g + 1])
+        e3 = model.output(after(jump(start, e2, t, ts[g + 1]), g + 2), ts[g + 2])
+        e4 = model.output(after(jump(start, e3, t, ts[g + 2] - half), g + 3), ts[g + 3])
+        x = after(jump(start, (e1 + 2.0 * e2 + 2.0 * e3 + e4) * (1.0 / 6.0), t, ts[g + 3]), g + 4)
     start = x
     for c in range(prk_calls, len(ts)):
         t, t_prev = ts[c], ts[c] - step_ratio
@@ -299,7 +328,7 @@ def sample_pndm(
                 e = (23.0 * ets[-1] - 16.0 * ets[-2] + 5.0 * ets[-3]) * (1.0 / 12.0)
             elif len(ets) == 4:
                 e = (55.0 * ets[-1] - 59.0 * ets[-2] + 37.0 * ets[-3] - 9.0 * ets[-4]) * (1.0 / 24.0)
-        x = jump(x, e, t, t_prev)
+        x = after(jump(x, e, t, t_prev), c + 1)
     return x
 
 
@@ -316,6 +345,7 @@ def sample_lcm(
     alpha_bar: Callable[[int], float],
     noise: NoiseFn,
     timestep_scaling: float = 10.0,
+    after: AfterFn = _same,
 ) -> np.ndarray:
     """Latent Consistency Model multistep sampling (Luo et al. 2023): estimate x0, re-noise to the next timestep."""
     ts = [int(v) for v in timesteps]
@@ -324,32 +354,99 @@ def sample_lcm(
         c_skip, c_out = lcm_scalings(t, timestep_scaling)
         denoised = x0 * c_out + x * c_skip
         if i == len(ts) - 1:
-            return denoised
+            return after(denoised, i + 1)
         a = alpha_bar(ts[i + 1])
-        x = denoised * math.sqrt(a) + noise(x.shape) * math.sqrt(1.0 - a)
+        x = after(denoised * math.sqrt(a) + noise(x.shape) * math.sqrt(1.0 - a), i + 1)
     return x
 
 
-# name -> (model, starting x in the sampler's space, schedule, noise) -> x at the schedule's end
-_RUN: dict[str, Callable[[Denoiser, np.ndarray, Schedule, NoiseFn], np.ndarray]] = {
-    "ddim": lambda m, x, s, n: sample_ddim(m, x, s.timesteps, s.alpha_bar, s.step_ratio),
-    "pndm": lambda m, x, s, n: sample_pndm(m, x, s.timesteps, s.alpha_bar, s.step_ratio, s.options["prk_calls"]),
-    "euler": lambda m, x, s, n: sample_euler(m, x, s.sigmas),
-    "euler_a": lambda m, x, s, n: sample_euler_ancestral(m, x, s.sigmas, n),
-    "heun": lambda m, x, s, n: sample_heun(m, x, s.sigmas),
-    "lms": lambda m, x, s, n: sample_lms(m, x, s.sigmas),
-    "unipc": lambda m, x, s, n: sample_unipc(m, x, s.sigmas, **s.options),
-    "lcm": lambda m, x, s, n: sample_lcm(m, x, s.timesteps, s.alpha_bar, n, **s.options),
+# name -> (model, starting x in the sampler's space, schedule, noise, after) -> x at the schedule's end
+_RUN: dict[str, Callable[[Denoiser, np.ndarray, Schedule, NoiseFn, AfterFn], np.ndarray]] = {
+    "ddim": lambda m, x, s, n, a: sample_ddim(m, x, s.run_timesteps, s.alpha_bar, s.step_ratio, a),
+    "pndm": lambda m, x, s, n, a: sample_pndm(
+        m, x, s.run_timesteps, s.alpha_bar, s.step_ratio, s.options["prk_calls"], a
+    ),
+    "euler": lambda m, x, s, n, a: sample_euler(m, x, s.run_sigmas, a),
+    "euler_a": lambda m, x, s, n, a: sample_euler_ancestral(m, x, s.run_sigmas, n, a),
+    "heun": lambda m, x, s, n, a: sample_heun(m, x, s.run_sigmas, a),
+    "lms": lambda m, x, s, n, a: sample_lms(m, x, s.sigmas, begin=s.begin, after=a),  # its coefficients need all
+    "unipc": lambda m, x, s, n, a: sample_unipc(m, x, s.run_sigmas, **s.options, after=a),
+    "lcm": lambda m, x, s, n, a: sample_lcm(m, x, s.run_timesteps, s.alpha_bar, n, **s.options, after=a),
 }
 
 
-def _dpmpp(m: Denoiser, x: np.ndarray, s: Schedule, n: NoiseFn) -> np.ndarray:
+def _dpmpp(m: Denoiser, x: np.ndarray, s: Schedule, n: NoiseFn, a: AfterFn) -> np.ndarray:
     o = s.options
-    return sample_dpmpp_2m(m, x, s.sigmas, n if o["sde"] else None, o["solver_type"], o["final_first_order"])
+    return sample_dpmpp_2m(m, x, s.run_sigmas, n if o["sde"] else None, o["solver_type"], o["final_first_order"], a)
 
 
 _RUN.update(dict.fromkeys(("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras"), _dpmpp))
 _ALPHA_FORM = {"ddim", "pndm", "lcm"}  # written in diffusers' own VP variables; the rest in VE
+
+
+def _ve_inside(schedule: Schedule) -> bool:
+    """DPM-Solver and UniPC: diffusers keeps VP latents, the samplers here run them in VE."""
+    return schedule.vp and schedule.sampler not in _ALPHA_FORM
+
+
+def steps_in_loop(schedule: Schedule) -> int:
+    """How many levels the sampler's loop steps through (the j of `after` runs 1 .. this)."""
+    run = schedule.run_timesteps if schedule.sampler in _ALPHA_FORM else schedule.run_sigmas[1:]
+    return len(run)
+
+
+def noised(schedule: Schedule, z: np.ndarray, eps: np.ndarray, j: int) -> np.ndarray:
+    """Clean latents z noised with eps to level j of the loop (0: its start), in the sampler's working space, as
+    diffusers' `scheduler.add_noise` does: VP sqrt(abar) z + sqrt(1 - abar) eps at the timestep for DDIM, PNDM and
+    LCM; z + sigma eps for the others (DPM-Solver and UniPC add in VP, alpha (z + sigma eps): the same in VE)."""
+    if schedule.sampler in _ALPHA_FORM:
+        a = schedule.alpha_bar(int(schedule.run_timesteps[j]))
+        return z * math.sqrt(a) + eps * math.sqrt(1.0 - a)
+    return z + eps * float(schedule.run_sigmas[j])
+
+
+def keep_known(schedule: Schedule, z: np.ndarray, eps: np.ndarray, mask: np.ndarray) -> AfterFn:
+    """Inpainting with an ordinary UNet: after every step, outside the mask (0 = keep) the sample is the init
+    latents z noised with the initial noise eps to the level reached, clean at the end (diffusers' blend)."""
+    end, repaint = steps_in_loop(schedule), np.asarray(mask) >= 0.5  # (1|B, 1, h, w)
+
+    def after(x: np.ndarray, j: int) -> np.ndarray:
+        return np.where(repaint, x, z if j >= end else noised(schedule, z, eps, j))
+
+    return after
+
+
+def initial(schedule: Schedule, eps: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
+    """The loop's starting sample in the sampler's working space: unit noise eps times the initial sigma (text to
+    image, as diffusers scales its `latents`), or clean latents z noised to the first level (image to image)."""
+    eps = np.asarray(eps, dtype=np.float32)
+    if z is not None:
+        return noised(schedule, z, eps, 0)
+    x = eps * schedule.init_noise_sigma
+    if _ve_inside(schedule):
+        first = float(schedule.run_sigmas[0])
+        x = x * math.sqrt(first * first + 1.0)
+    return x
+
+
+def denoise(
+    schedule: Schedule,
+    eps_fn: EpsFn,
+    x: np.ndarray,
+    noise: NoiseFn | None = None,
+    callback: Callable[[int, int], None] | None = None,
+    after: AfterFn | None = None,
+) -> np.ndarray:
+    """Run a schedule's loop from `initial(...)`; returns VP latents, as diffusers hands them to the VAE.
+
+    `noise` feeds the stochastic samplers; `callback(i, total)` runs after each network call; `after` see the
+    module docstring."""
+    model = Denoiser(eps_fn, schedule, callback)
+    x = _RUN[schedule.sampler](model, x, schedule, noise or _no_noise(schedule.sampler), after or _same)
+    if _ve_inside(schedule):
+        last = float(schedule.sigmas[-1])
+        x = x * (1.0 / math.sqrt(last * last + 1.0))
+    return x
 
 
 def run_sampler(
@@ -361,23 +458,11 @@ def run_sampler(
     noise: NoiseFn | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Denoise unit noise (B, C, h, w) with a sampler; returns VP latents, as diffusers hands them to the VAE.
+    """Text to image: denoise unit noise (B, C, h, w) with a sampler; returns VP latents.
 
-    The start is `noise_latents * init_noise_sigma`, as diffusers scales its `latents` argument. `noise` feeds
-    the stochastic samplers; `callback(i, total)` runs after each network call.
-    """
-    name = resolve_sampler(name)
-    schedule = make_schedule(name, scheduler_config, num_inference_steps)
-    model = Denoiser(eps_fn, schedule, callback)
-    x = np.asarray(noise_latents, dtype=np.float32) * schedule.init_noise_sigma
-    if noise is None:
-        noise = _no_noise(name)
-    if name in _ALPHA_FORM or not schedule.vp:
-        return _RUN[name](model, x, schedule, noise)
-    # DPM-Solver and UniPC keep VP latents in diffusers: into VE for the sampler, back to VP at the end level
-    first, last = float(schedule.sigmas[0]), float(schedule.sigmas[-1])
-    x = _RUN[name](model, x * math.sqrt(first * first + 1.0), schedule, noise)
-    return x * (1.0 / math.sqrt(last * last + 1.0))
+    The start is `noise_latents * init_noise_sigma`, as diffusers scales its `latents` argument."""
+    schedule = make_schedule(resolve_sampler(name), scheduler_config, num_inference_steps)
+    return denoise(schedule, eps_fn, initial(schedule, noise_latents), noise, callback)
 
 
 def _no_noise(name: str) -> NoiseFn:

@@ -152,6 +152,16 @@ class Schedule:
     final_alpha_cumprod: float  # alpha-bar "before" t = 0 (set_alpha_to_one)
     step_ratio: int  # num_train_timesteps // steps: DDIM's and PNDM's jump to the previous timestep
     options: Mapping[str, Any] = field(default_factory=dict)  # sampler-specific settings from the config
+    begin: int = 0  # image to image: the first step run (diffusers' t_start); sigmas/timesteps keep the whole chain
+
+    @property
+    def run_sigmas(self) -> np.ndarray:
+        """(steps - begin + 1,) the noise levels the loop visits, the end included."""
+        return self.sigmas[self.begin :]
+
+    @property
+    def run_timesteps(self) -> np.ndarray:
+        return self.timesteps[self.begin :]
 
     def alpha_bar(self, t: int) -> float:
         """Training alpha-bar at integer timestep t; negative t means the end of the chain, as in diffusers."""
@@ -174,12 +184,52 @@ def scheduler_settings(sampler: str, config: Mapping[str, Any]) -> dict[str, Any
     return cfg
 
 
-def make_schedule(sampler: str, config: Mapping[str, Any], num_inference_steps: int) -> Schedule:
-    """The schedule diffusers' `set_timesteps(num_inference_steps)` builds for this sampler and config."""
+def first_step(
+    sampler: str, config: Mapping[str, Any], steps: int, strength: float | None, in_schedule: bool = False
+) -> int:
+    """The step image to image starts at (diffusers' `t_start`): the last int(steps * strength) steps run.
+
+    `in_schedule` (LCM-distilled models, as LatentConsistencyModelImg2ImgPipeline): strength narrows the LCM
+    grid instead and all steps run. BadInput when the strength leaves no step."""
+    if strength is None:
+        return 0
+    if in_schedule and sampler == "lcm":
+        orig = int(scheduler_settings(sampler, config)["original_inference_steps"])
+        if int(orig * strength) // steps < 1:
+            raise BadInput(
+                f"strength {strength:g} leaves {int(orig * strength)} of the LCM schedule's {orig} timesteps, fewer "
+                f"than num_inference_steps={steps}; raise strength to >= {steps / orig:g} or lower the steps"
+            )
+        return 0
+    kept = min(int(steps * strength), steps)
+    if kept < 1:
+        raise BadInput(
+            f"strength {strength:g} with {steps} steps runs no step (int({steps} x {strength:g}) = 0); "
+            f"raise strength to >= {1 / steps:.3g} or num_inference_steps"
+        )
+    begin = steps - kept
+    if begin and sampler == "pndm" and not scheduler_settings(sampler, config)["skip_prk_steps"]:
+        raise BadInput(
+            "pndm with pseudo Runge-Kutta warm-up (skip_prk_steps=false) cannot start mid-schedule; "
+            "use strength 1.0 or another sampler for image to image"
+        )
+    return begin
+
+
+def make_schedule(
+    sampler: str,
+    config: Mapping[str, Any],
+    num_inference_steps: int,
+    strength: float | None = None,
+    strength_in_schedule: bool = False,
+) -> Schedule:
+    """The schedule diffusers' `set_timesteps(num_inference_steps)` builds for this sampler and config; with
+    `strength` (image to image), starting where diffusers' img2img pipelines start (`first_step`)."""
     cfg = scheduler_settings(sampler, config)
     n, T = int(num_inference_steps), int(cfg["num_train_timesteps"])
     if not 1 <= n <= T:
         raise BadInput(f"num_inference_steps must be between 1 and {T} for this checkpoint, got {n}")
+    begin = first_step(sampler, config, n, strength, strength_in_schedule)
     ac = alphas_cumprod(cfg)
     cls = DIFFUSERS_CLASS[sampler]
     if cfg.get("rescale_betas_zero_snr") and cls not in ("DDIMScheduler", "LCMScheduler"):
@@ -189,13 +239,19 @@ def make_schedule(sampler: str, config: Mapping[str, Any], num_inference_steps: 
     ratio = T // n
     final_alpha = 1.0 if cfg.get("set_alpha_to_one") else float(ac[0])
     clip = float(cfg["clip_sample_range"]) if cfg.get("clip_sample") else None
-    sigmas, timesteps, init, vp, calls, options = _BUILDERS[cls](cfg, n, train_sigmas, ac, final_alpha)
+    extra = {"strength": strength} if strength is not None and strength_in_schedule and sampler == "lcm" else {}
+    sigmas, timesteps, init, vp, calls, options = _BUILDERS[cls](cfg, n, train_sigmas, ac, final_alpha, **extra)
     for a in (sigmas, timesteps, ac):
         a.flags.writeable = False
+    if begin:
+        calls -= 2 * begin if sampler == "heun" else begin  # Heun: two calls per step but the last
+        if sampler == "unipc":  # diffusers counts disable_corrector in steps of the whole chain
+            options = {**options, "disable_corrector": tuple(d - begin for d in options["disable_corrector"])}
     options = MappingProxyType(options)
     return Schedule(
-        sampler, sigmas, timesteps, init, vp, calls, cfg["prediction_type"], clip, ac, final_alpha, ratio, options
-    )
+        sampler, sigmas, timesteps, init, vp, calls, cfg["prediction_type"], clip, ac, final_alpha, ratio, options,
+        begin,
+    )  # fmt: skip
 
 
 def alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
@@ -375,12 +431,13 @@ def _pndm(cfg, n, train_sigmas, ac, final_alpha) -> _Built:
     return sigmas, t, 1.0, True, len(t), {"prk_calls": len(prk)}
 
 
-def _lcm(cfg, n, train_sigmas, ac, final_alpha) -> _Built:
-    """LCM: n timesteps picked evenly from the original_inference_steps grid the model was distilled on."""
+def _lcm(cfg, n, train_sigmas, ac, final_alpha, strength: float = 1.0) -> _Built:
+    """LCM: n timesteps picked evenly from the original_inference_steps grid the model was distilled on (its
+    lowest int(orig * strength) points, for LCM's own image to image)."""
     T, orig = int(cfg["num_train_timesteps"]), int(cfg["original_inference_steps"])
     if n > orig:
         raise BadInput(f"lcm runs at most original_inference_steps={orig} steps, got {n}")
-    grid = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
+    grid = (np.arange(1, int(orig * strength) + 1) * (T // orig) - 1)[::-1]
     t = grid[np.floor(np.linspace(0, len(grid), num=n, endpoint=False)).astype(np.int64)].astype(np.float64)
     sigmas = np.append(train_sigmas[t.astype(np.int64)], 0.0)
     return sigmas, t, 1.0, True, len(t), {"timestep_scaling": float(cfg["timestep_scaling"])}

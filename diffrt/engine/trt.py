@@ -16,89 +16,17 @@ import numpy as np
 
 from diffrt.bundle import Manifest
 from diffrt.engine import trt_build
+from diffrt.engine.trt_env import available_reason, cudart, current_environment, error_name, import_tensorrt, trt_logger
 from diffrt.errors import BadInput, DiffrtError
 from diffrt.specs import ComponentSpec
 
-try:
-    from cuda.bindings import runtime as cudart
-except ImportError:  # cuda-python is optional: only this backend needs it
-    cudart = None
-
 log = logging.getLogger(__name__)
-INSTALL_HINT = "install it with `pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13`"
-CUDA_HINT = "pip install 'cuda-bindings>=13'"
-GRAPHED = frozenset({"unet"})  # called every step: worth a CUDA graph; the others run once per image
-# constant over a generation: uploaded when they change (text, SDXL's pooled text and size ids, LCM's guidance)
-STEADY_INPUTS = frozenset({"encoder_hidden_states", "text_embeds", "time_ids", "timestep_cond"})
 SIDES = {"latent_height": "--height", "latent_width": "--width"}  # latent dims -> the build flag in pixels
 MAX_SHAPES = 8  # buffer sets kept per component; upscaler edge tiles bring a few extra shapes
 
 
 class CudaError(DiffrtError):
     """A CUDA runtime call failed."""
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except Exception as e:  # the PyPI placeholder raises on import; a missing shared library is an OSError
-        raise BadInput(f"TensorRT is not importable ({type(e).__name__}: {e}); {INSTALL_HINT}") from None
-    return trt
-
-
-def _error_name(err) -> str:
-    return cudart.cudaGetErrorName(err)[1].decode()
-
-
-def available_reason() -> str | None:
-    """None when TensorRT, cuda-python and a GPU are usable, else one line saying what is missing."""
-    missing = []
-    try:
-        import_tensorrt()
-    except BadInput as e:
-        missing.append(str(e))
-    if cudart is None:
-        missing.append(f"cuda-python is not installed (`{CUDA_HINT}`)")
-    else:
-        err, count = cudart.cudaGetDeviceCount()
-        if err != cudart.cudaError_t.cudaSuccess or count == 0:
-            why = _error_name(err) if err != cudart.cudaError_t.cudaSuccess else "no devices"
-            missing.append(f"no usable NVIDIA GPU ({why})")
-    return "; ".join(missing) or None
-
-
-def current_environment() -> trt_build.Environment:
-    """TensorRT version and the current GPU's name and compute capability."""
-    trt = import_tensorrt()
-    if cudart is None:
-        raise BadInput(f"TensorRT needs cuda-python: `{CUDA_HINT}`")
-    err, device = cudart.cudaGetDevice()
-    if err == cudart.cudaError_t.cudaSuccess:
-        err, prop = cudart.cudaGetDeviceProperties(device)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise BadInput(f"no usable NVIDIA GPU ({_error_name(err)}); TensorRT needs one")
-    gpu = prop.name.split(b"\0")[0].decode(errors="replace")
-    return trt_build.Environment(trt.__version__, gpu, f"{prop.major}.{prop.minor}")
-
-
-def trt_logger():
-    """A TensorRT logger that writes into `logging` (TensorRT's INFO is build chatter: debug here)."""
-    trt = import_tensorrt()
-    levels = {
-        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
-        trt.ILogger.Severity.ERROR: logging.ERROR,
-        trt.ILogger.Severity.WARNING: logging.WARNING,
-    }
-    trt_log = logging.getLogger("diffrt.tensorrt")
-
-    class Bridge(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg):
-            trt_log.log(levels.get(severity, logging.DEBUG), "%s", msg)
-
-    return Bridge()
 
 
 def _ok(result, what: str = "", nbytes: int = 0):
@@ -110,7 +38,7 @@ def _ok(result, what: str = "", nbytes: int = 0):
                 f"out of GPU memory allocating {nbytes / 2**20:.0f} MB for {what}; close other GPU processes, or "
                 "use fewer images / smaller sizes with plans built for them (`diffrt build BUNDLE --batch N ...`)"
             )
-        raise CudaError(f"CUDA error {_error_name(err)}{' (' + what + ')' if what else ''}")
+        raise CudaError(f"CUDA error {error_name(err)}{' (' + what + ')' if what else ''}")
     return values[0] if len(values) == 1 else tuple(values) or None
 
 
@@ -222,10 +150,10 @@ class StepRunner:
                 failure = str(e)
             err, graph = cudart.cudaStreamEndCapture(self.stream)
             if failure is None and err != cudart.cudaError_t.cudaSuccess:
-                failure = _error_name(err)
+                failure = error_name(err)
         if failure is None:
             err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
-            failure = None if err == cudart.cudaError_t.cudaSuccess else _error_name(err)
+            failure = None if err == cudart.cudaError_t.cudaSuccess else error_name(err)
         if graph is not None and int(graph):
             cudart.cudaGraphDestroy(graph)
         if failure is None:
@@ -269,7 +197,7 @@ def bundle_root(path: Path, rel: str) -> Path:
 
 def request_hint(bundle: Path, spec: ComponentSpec, shapes: dict[str, tuple], vae_scale_factor: int) -> str:
     """A `diffrt build` line covering the image size of a request that no plan covers."""
-    dims = {d: n for t in spec.inputs for d, n in zip(t.shape, shapes[t.name]) if isinstance(d, str)}
+    dims = spec.dims_of(shapes)
     sides = [f" {flag} {dims[d] * vae_scale_factor}" for d, flag in SIDES.items() if d in dims]
     return f"diffrt build {bundle}" + "".join(sides) + (" --batch N" if "batch" in dims else "")
 
@@ -315,8 +243,8 @@ class TensorRTSession:
         self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self.engine, self.context, self.record = engine, context, record
         self.generation = self.backend.activations.generation
-        enqueue, graphs = context.execute_async_v3, name in GRAPHED
-        self.runner = StepRunner(name, self.backend.stream, enqueue, self._bind, graphs, STEADY_INPUTS)
+        enqueue, steady = context.execute_async_v3, [t.name for t in self.spec.inputs if t.steady]
+        self.runner = StepRunner(name, self.backend.stream, enqueue, self._bind, self.spec.per_step, steady)
         log.info("%s: TensorRT plan %s", name, path.relative_to(self.bundle))
 
     def _bind(self, io: StagedIO) -> None:

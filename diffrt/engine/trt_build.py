@@ -2,8 +2,8 @@
 
 Plans live in `bundle/trt/<key>/` (`key.json` = the ingredients the key hashes, `<component>.plan`,
 `timing.cache`); the key changes with anything that makes a plan invalid, so a plan under its key is never
-stale. Everything above "TensorRT (thin)" is pure (no TensorRT, no GPU) and tested on CPU; `diffrt build`
-(trt_cli.py) decides what to reuse and calls `build_plans` for the rest.
+stale. Everything above "TensorRT (thin)" is pure (no TensorRT, no GPU) and tested on CPU; `build_bundle`
+(what `diffrt build` runs) decides what to reuse and calls `build_plans` for the rest.
 """
 
 from __future__ import annotations
@@ -13,20 +13,19 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from diffrt.bundle import ModelInfo
+from diffrt.bundle import ModelInfo, load_manifest
+from diffrt.engine.trt_env import Environment, current_environment, import_tensorrt, trt_logger
 from diffrt.errors import BadInput
 from diffrt.specs import ComponentSpec, DimRange
 
 log = logging.getLogger(__name__)
 PLAN_SCHEMA = 1  # bump when the layout of trt/<key>/ changes: old plans then miss their key
-# the pipeline runs negative + positive prompts as one batch through these (unless the bundle's guidance is an input)
-CFG_BATCHED = ("text_encoder", "text_encoder_2", "unet")
-TILED = ("upscaler",)  # their shapes are tiles, not the image: profiles always span the spec's ranges
 Span = tuple[int, int]  # (min, max)
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max) shape
@@ -60,13 +59,6 @@ class BuildOptions:
             raise BadInput(f"--workspace must be a positive number of GB, got {self.workspace_gb}")
 
 
-@dataclass(frozen=True)
-class Environment:
-    tensorrt: str  # TensorRT version: a plan deserialises only under the version that built it
-    gpu: str  # GPU name, e.g. "NVIDIA H100 80GB HBM3": tactics are timed on this exact part
-    compute_capability: str  # e.g. "9.0": kernels are compiled per SM architecture
-
-
 # ---- profiles ---------------------------------------------------------------------------------------------
 
 
@@ -76,7 +68,8 @@ def span_text(span: Span) -> str:
 
 
 def _batch_range(spec: ComponentSpec, r: DimRange, options: BuildOptions, model: ModelInfo) -> DimRange:
-    k = 2 if options.guidance and model.classifier_free_guidance and spec.name in CFG_BATCHED else 1
+    # negative + positive rows go through CFG-batched components (unless the bundle's guidance is an input)
+    k = 2 if options.guidance and model.classifier_free_guidance and spec.cfg_batched else 1
     span = options.batch or ((1, 1) if options.profile == "static" else None)
     if span is None:
         return DimRange(r.min, min(max(k, r.min), r.max), r.max)
@@ -110,7 +103,7 @@ def _latent_range(spec: ComponentSpec, dim: str, r: DimRange, options: BuildOpti
 
 def dim_ranges(spec: ComponentSpec, options: BuildOptions, model: ModelInfo) -> dict[str, DimRange]:
     """Each symbolic dim's (min, opt, max) for one build: the requested sizes, or the spec's ranges."""
-    if spec.name in TILED:
+    if spec.tiled:  # shapes are tiles, not the image: profiles always span the spec's ranges
         return spec.dim_ranges
     out = {}
     for dim, r in spec.dim_ranges.items():
@@ -245,7 +238,7 @@ def describe_profile(profile: Profile) -> str:
 
 
 def build_command(bundle: Path | str, options: BuildOptions) -> str:
-    """The `diffrt build` line that makes plans with these options (trt_cli parses it back: a tested round trip)."""
+    """The `diffrt build` line that makes plans with these options (the CLI parses it back: a tested round trip)."""
     parts, default = ["diffrt", "build", str(bundle)], BuildOptions()
     for f in fields(BuildOptions):
         v = getattr(options, f.name)
@@ -353,8 +346,6 @@ def build_plans(
     jobs: dict[str, tuple[Path, Profile]], options: BuildOptions, out: Path, cache: Path, seed: Path | None = None
 ) -> None:
     """Build `out/<name>.plan` per job (name -> ONNX path, profile), sharing one timing cache saved to `cache`."""
-    from diffrt.engine.trt import import_tensorrt, trt_logger  # the runtime module owns TensorRT handles
-
     trt = import_tensorrt()
     logger = trt_logger()
     builder = trt.Builder(logger)
@@ -368,3 +359,60 @@ def build_plans(
         _write_atomic(out / f"{name}.plan", plan)
         _write_atomic(cache, bytes(timing_cache.serialize()))  # keep tactic timings even if a later build fails
         log.info("%s: built in %.1f s (%.0f MB plan)", name, time.perf_counter() - t0, len(plan) / 2**20)
+
+
+# ---- diffrt build ---------------------------------------------------------------------------------------------
+
+
+def reuse_decision(records: list[PlanRecord], ingredients: dict, name: str) -> tuple[Path | None, str]:
+    """(plan to reuse or None to build, why): reuse one whose environment, options, ONNX and profile are the same,
+    under this key or another (re-exporting one component then rebuilds only that one)."""
+    want = component_ingredients(ingredients, name)
+    for r in records:
+        if r.key_matches and component_ingredients(r.ingredients, name) == want and r.plan(name).is_file():
+            where = "" if r.dir.name == plan_key(ingredients) else f" from trt/{r.dir.name}"
+            return r.plan(name), f"reusing plan{where}: same ONNX, TensorRT, GPU, profile and options"
+    return None, "building: no plan with these ingredients yet"
+
+
+def timing_seed(records: list[PlanRecord], env: Environment) -> Path | None:
+    """A timing cache from a sibling build on the same TensorRT and GPU: tactic timings carry across shapes."""
+    same = [r.dir / "timing.cache" for r in records if r.ingredients.get("tensorrt") == env.tensorrt
+            and r.ingredients.get("gpu") == env.gpu]  # fmt: skip
+    return next((p for p in same if p.is_file()), None)
+
+
+def check_build(bundle: Path | str, options: BuildOptions) -> None:
+    """Option and size mistakes, found without TensorRT or a GPU: every component's profile must fit the bundle."""
+    manifest = load_manifest(bundle)
+    for entry in manifest.components.values():
+        profile_shapes(entry.spec, options, manifest.model)
+
+
+def build_bundle(bundle: Path | str, options: BuildOptions, timing_cache: Path | None = None) -> Path:
+    """Plans for every component under bundle/trt/<key>/, reusing matching ones; returns that directory."""
+    bundle = Path(bundle)
+    manifest, env = load_manifest(bundle), current_environment()
+    parts = {}
+    for name, entry in manifest.components.items():
+        if "fp16" not in entry.files:
+            raise BadInput(f"{bundle}: {name} has no FP16 graph, which TensorRT builds from; re-export the bundle")
+        shapes = profile_shapes(entry.spec, options, manifest.model)
+        parts[name] = (onnx_sha256(bundle / entry.files["fp16"]), shapes)
+    ingredients = plan_ingredients(env, options, parts)
+    out, records = bundle / "trt" / plan_key(ingredients), read_plan_records(bundle)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "key.json").write_text(json.dumps(ingredients, indent=2, sort_keys=True) + "\n")
+    jobs = {}
+    for name, entry in manifest.components.items():
+        source, why = reuse_decision(records, ingredients, name)
+        log.info("%s: %s", name, why)
+        if source is None:
+            jobs[name] = (bundle / entry.files["fp16"], parts[name][1])
+        elif source != out / f"{name}.plan":
+            shutil.copyfile(source, out / f"{name}.plan")
+    if jobs:
+        cache = Path(timing_cache or out / "timing.cache")
+        build_plans(jobs, options, out, cache, cache if cache.is_file() else timing_seed(records, env))
+    log.info("TensorRT plans in %s (%d built, %d reused)", out, len(jobs), len(parts) - len(jobs))
+    return out

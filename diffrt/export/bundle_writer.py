@@ -21,7 +21,7 @@ from diffrt.bundle import TOKENIZER, TOKENIZER_2, ComponentEntry, Manifest, Mode
 from diffrt.errors import BadInput, ValidationFailed
 from diffrt.export.checkpoint import Checkpoint, check_source, load_checkpoint
 from diffrt.export.fp16 import convert_to_fp16
-from diffrt.export.onnx_export import TextEncoder, UNet, VAEDecoder, export_onnx, save_onnx
+from diffrt.export.onnx_export import TextEncoder, UNet, VAEDecoder, VAEEncoder, export_onnx, save_onnx
 from diffrt.export.tokenizer import export_tokenizer
 from diffrt.export.validate import HEADER, Check, validate_component
 from diffrt.specs import SDShapes, sd_specs, upscaler_spec
@@ -38,6 +38,7 @@ class ExportOptions:
     prediction_type: str | None = None  # override the checkpoint's scheduler (single files do not say)
     tokenizer: Path | None = None  # tokenizer folder for single-file checkpoints
     image_range: tuple[int, int, int] | None = None  # (min, opt, max) image side; default from the checkpoint
+    defaults: dict | None = None  # generation defaults recorded in the manifest (see Manifest.defaults)
 
 
 @contextlib.contextmanager
@@ -78,7 +79,7 @@ def sd_shapes(ckpt: Checkpoint, max_length: int, image_range: tuple[int, int, in
         vocab_size=te.vocab_size,
         max_length=max_length,
         text_hidden=te.hidden_size,
-        latent_channels=unet.in_channels,
+        latent_channels=vae.latent_channels,
         unet_out_channels=unet.out_channels,
         vae_scale_factor=vae_scale,
         unet_downsamples=len(unet.block_out_channels) - 1,
@@ -90,6 +91,7 @@ def sd_shapes(ckpt: Checkpoint, max_length: int, image_range: tuple[int, int, in
         pooled_dim=pooled,
         time_ids=time_ids,
         time_cond_dim=unet.time_cond_proj_dim or 0,
+        unet_in_channels=unet.in_channels,
     )
 
 
@@ -196,6 +198,7 @@ def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Export
     # SDXL's VAE overflows FP16 (docs/models.md): where an SDXL checkpoint says so (force_upcast, which only
     # diffusers' SDXL pipelines read), its decoder stays FP32 in the FP16 bundle
     vae_fp16 = not (xl and getattr(ckpt.vae.config, "force_upcast", True))
+    modules["vae_encoder"] = (VAEEncoder(ckpt.vae), False, vae_fp16)
     modules["vae_decoder"] = (VAEDecoder(ckpt.vae), False, vae_fp16)
     upscaler_info = None
     if upscaler is not None:
@@ -219,11 +222,10 @@ def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Export
                 f"(max abs error {worst.max_abs_error:.3e}, cosine {worst.cosine:.6f}, finite={worst.finite}); "
                 "nothing was written — report this with the checkpoint, or pass --no-validate to keep the graphs"
             )
-    cfg = ckpt.unet.config
     model = ModelInfo(
         family=ckpt.family,
         prediction_type=ckpt.scheduler_config.get("prediction_type", "epsilon"),
-        latent_channels=cfg.in_channels,
+        latent_channels=shapes.latent_channels,
         vae_scale_factor=shapes.vae_scale_factor,
         scaling_factor=float(ckpt.vae.config.scaling_factor),
         default_size=shapes.image_opt,
@@ -239,6 +241,7 @@ def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Export
         tokenizer_2=tokenizer_2,
         source=ckpt.source,
         tools=_tools(),
+        defaults=dict(opts.defaults or {}),
     )
     manifest.save(tmp)
     return ExportResult(manifest, checks)

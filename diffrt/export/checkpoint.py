@@ -20,15 +20,21 @@ from diffrt.errors import BadInput, UnsupportedModel
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline", "LatentConsistencyModelPipeline"}
-SUPPORTED = "SD 1.x, 2.x, XL, Turbo and LCM text-to-image"
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "LatentConsistencyModelPipeline",
+    "StableDiffusionInpaintPipeline",  # inpainting checkpoints: a UNet of latents + mask + masked latents
+    "StableDiffusionXLInpaintPipeline",
+}
+XL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline"}
+SUPPORTED = "SD 1.x, 2.x, XL, Turbo and LCM (text to image, image to image) and SD / SDXL inpainting"
 NOT_YET = {
     "StableDiffusionXLImg2ImgPipeline": "SDXL refiner / image-to-image",
-    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
     "StableDiffusion3Pipeline": "SD3",
     "FluxPipeline": "Flux",
-    "StableDiffusionInpaintPipeline": "inpainting",
     "StableDiffusionUpscalePipeline": "x4 upscaling",
+    "StableDiffusionDepth2ImgPipeline": "depth-to-image",
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -129,7 +135,7 @@ def load_diffusers_folder(folder: Path) -> Checkpoint:
         )
     if pipeline not in SUPPORTED_PIPELINES:
         raise UnsupportedModel(f"{folder}: pipeline class {pipeline!r} is not supported; diffrt exports {SUPPORTED}")
-    xl = pipeline == "StableDiffusionXLPipeline"
+    xl = pipeline in XL_PIPELINES
     parts = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
     parts += ("text_encoder_2", "tokenizer_2") if xl else ()
     for part in parts:
@@ -139,7 +145,8 @@ def load_diffusers_folder(folder: Path) -> Checkpoint:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet_config = _read_json(folder / "unet" / "config.json")
-    check_unet_config(unet_config, folder, xl)
+    latent_channels = int(_read_json(folder / "vae" / "config.json").get("latent_channels", 4))
+    check_unet_config(unet_config, folder, xl, latent_channels, inpainting="Inpaint" in pipeline)
     text_encoder = _load(CLIPTextModel, folder / "text_encoder")
     text_encoder_2 = _load(CLIPTextModelWithProjection, folder / "text_encoder_2") if xl else None
     unet = _load(UNet2DConditionModel, folder / "unet")
@@ -160,18 +167,27 @@ def load_diffusers_folder(folder: Path) -> Checkpoint:
     )
 
 
-def check_unet_config(cfg: dict, where: Path | str, xl: bool = False) -> None:
-    """Refuse UNets the export does not handle (yet), or that do not fit the pipeline around them."""
+def check_unet_config(
+    cfg: dict, where: Path | str, xl: bool = False, latent_channels: int = 4, inpainting: bool = True
+) -> None:
+    """Refuse UNets the export does not handle (yet), or that do not fit the pipeline around them. Inpainting
+    UNets take latents + mask + masked-image latents (2 x latent channels + 1), where the pipeline allows them."""
     text_time = cfg.get("addition_embed_type") == "text_time"
     if text_time != xl:
         kind = "an SDXL-style UNet (added text/time conditions)" if text_time else "a UNet without SDXL's conditions"
         raise UnsupportedModel(f"{where}: {kind} does not fit this pipeline; the checkpoint's parts do not match")
     if cfg.get("addition_embed_type") not in (None, "text_time"):
         raise UnsupportedModel(f"{where}: UNet addition_embed_type={cfg['addition_embed_type']!r} is not supported")
-    if cfg.get("in_channels", 4) != 4:
+    channels = cfg.get("in_channels", 4)
+    if channels == 2 * latent_channels + 1 and not inpainting:
         raise UnsupportedModel(
-            f"{where}: UNet with {cfg.get('in_channels')} input channels "
-            "(inpainting/depth), not supported yet; use a text-to-image checkpoint"
+            f"{where}: an inpainting UNet ({channels} input channels) in a text-to-image pipeline folder; "
+            "its model_index.json should name StableDiffusion(XL)InpaintPipeline"
+        )
+    if channels not in (latent_channels, 2 * latent_channels + 1):
+        raise UnsupportedModel(
+            f"{where}: UNet with {channels} input channels (depth or another conditioning), not supported; "
+            f"diffrt exports {latent_channels}-channel and {2 * latent_channels + 1}-channel (inpainting) UNets"
         )
 
 

@@ -58,6 +58,24 @@ class UNet(torch.nn.Module):
         )[0]
 
 
+class VAEEncoder(torch.nn.Module):
+    """Image (B, 3, H, W) in [-1, 1] -> the latent posterior's mean and log-variance (B, 4, H/8, W/8), unscaled.
+
+    The sample z = scaling_factor * (mean + exp(logvar / 2) * eps) is drawn by the runtime, so that its noise
+    comes from the request's generator (diffusers samples the posterior too)."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor):
+        moments = self.vae.encoder(image)
+        if self.vae.quant_conv is not None:
+            moments = self.vae.quant_conv(moments)
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        return mean, logvar
+
+
 class VAEDecoder(torch.nn.Module):
     """Scaled-back latent (B, 4, h, w) -> image (B, 3, 8h, 8w) in about [-1, 1]."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import io
 import logging
 import math
@@ -19,16 +20,18 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
 from PIL import PngImagePlugin
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from diffrt.engine.images import parameters_text
+from diffrt.engine.request import Request
 from diffrt.engine.samplers import resolve_sampler
 from diffrt.errors import BadInput
-from diffrt.serve.batcher import Batcher, GenSettings, JobResult, QueueFull
+from diffrt.serve.batcher import Batcher, JobResult, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +48,35 @@ class ServeSettings:
     batch_wait_ms: float = 10.0  # how long the oldest request waits for partners
     max_queue: int = 64  # requests waiting for the engine (not counting the batch running); more -> 429
     timeout_s: float = 300.0  # queue wait + generation; longer -> 504
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = 16 * 2**20  # room for an init image and a mask as base64
+
+
+BUNDLE_DEFAULT = "default: the bundle's"
 
 
 class ImageRequest(BaseModel):
-    """POST /v1/images. Strict: "10" is not 10, unknown fields are errors (a typo must not be ignored)."""
+    """POST /v1/images. Strict: "10" is not 10, unknown fields are errors (a typo must not be ignored). A field
+    left out (or null) takes the generation default of diffrt's Request for this bundle."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, description="non-empty; over 77 tokens is truncated with a warning")
     negative_prompt: str | None = None
-    num_inference_steps: int = Field(30, ge=1, le=150)
-    guidance_scale: float = Field(7.5, ge=0, le=30, allow_inf_nan=False)
-    scheduler: str = Field("dpmpp_2m_karras", description="short, diffusers class or A1111 sampler name")
-    width: int | None = Field(None, ge=1, le=8192, description="default: the checkpoint's native size")
+    num_inference_steps: int | None = Field(None, ge=1, le=150, description=BUNDLE_DEFAULT)
+    guidance_scale: float | None = Field(None, ge=0, le=30, allow_inf_nan=False, description=BUNDLE_DEFAULT)
+    scheduler: str | None = Field(None, description=f"short, diffusers class or A1111 sampler name; {BUNDLE_DEFAULT}")
+    width: int | None = Field(None, ge=1, le=8192, description="default: the native size (image to image: the image's)")
     height: int | None = Field(None, ge=1, le=8192)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    num_images: int = Field(1, ge=1, le=64, description="at most the bundle's images per call")
-    upscale: bool = True
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="image i draws from seed + i")
+    num_images: int | None = Field(None, ge=1, le=64, description="at most the bundle's images per call")
+    upscale: bool | None = None
+    prompt_2: str | None = Field(None, description="SDXL: the second text encoder's prompt")
+    negative_prompt_2: str | None = None
+    image: str | None = Field(None, description="init image, base64 (or a data: URL) of a PNG, JPEG or WebP")
+    mask_image: str | None = Field(None, description="inpainting mask like image: white = repaint")
+    strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="default: the job's (diffusers')")
+    paste_back: bool | None = Field(None, description="inpainting: paste the unmasked original back")
+    mask_blur: int | None = Field(None, ge=0, le=64, description="pixels of blur on the paste-back mask")
 
     @field_validator("prompt")
     @classmethod
@@ -73,7 +87,9 @@ class ImageRequest(BaseModel):
 
     @field_validator("scheduler")
     @classmethod
-    def _sampler(cls, v: str) -> str:
+    def _sampler(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         try:
             return resolve_sampler(v)
         except BadInput as e:
@@ -134,23 +150,32 @@ def _validation_error(e: ValidationError) -> JSONResponse:
     return _error(status, f"{first['field']}: {first['message']}", first["field"], errors=errors)
 
 
-_FIELDS = (
-    "num_inference_steps",
-    "guidance_scale",
-    "num_images",
-    "negative_prompt",
-    "prompt",
-    "scheduler",
-    "height",
-    "width",
-    "seed",
-)
-
-
-def _field_of(message: str) -> str | None:
-    """BadInput messages start with (or name) the offending argument, e.g. 'width=65 must be a multiple of 8'."""
-    hits = [(message.find(f), f) for f in _FIELDS if f in message]
+def _field_of(e: BadInput) -> str | None:
+    """The request field a BadInput names (e.field), else the first field name its message mentions."""
+    if e.field:
+        return e.field
+    message = str(e)
+    hits = [(message.find(f), f) for f in ImageRequest.model_fields if f in message]
     return min(hits)[1] if hits else None
+
+
+def _b64(text: str, field: str) -> bytes:
+    """Bytes of a base64 string or a data: URL; BadInput naming the field otherwise."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadInput(f"{field} is not valid base64; send the image file's bytes base64-encoded", field) from None
+
+
+def to_request(req: ImageRequest) -> Request:
+    """The service's JSON as diffrt's one Request type: fields left out keep the Request's defaults."""
+    given = req.model_dump(exclude_none=True)
+    for name in ("image", "mask_image"):
+        if name in given:
+            given[name] = _b64(given[name], name)
+    return Request(given.pop("prompt"), **given)
 
 
 def _png(image, text: str) -> bytes:
@@ -192,7 +217,7 @@ class RequestIdAndMetrics:
         await self.app(scope, receive, send_with_id)
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
+async def _read_body(request: HTTPRequest, limit: int) -> bytes | None:
     """The body, or None when it is over `limit` (checked before reading it all, and again while reading)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -220,7 +245,7 @@ IMAGES_ROUTE: dict[str, Any] = {
 }
 
 
-async def read_images_request(request: Request, settings: ServeSettings) -> ImageRequest | Response:
+async def read_images_request(request: HTTPRequest, settings: ServeSettings) -> ImageRequest | Response:
     """The validated request, or the 4xx answer that refuses it. The body is read and validated by hand: the
     size cap must apply before parsing, and errors name the field in one consistent shape."""
     body = await _read_body(request, settings.max_body_bytes)
@@ -232,44 +257,37 @@ async def read_images_request(request: Request, settings: ServeSettings) -> Imag
         return _validation_error(e)
 
 
-def gen_settings(req: ImageRequest, pipe: Any) -> GenSettings | Response:
-    """The request's generation settings with the bundle's defaults filled in, or a 422. Size and count limits
-    depend on the bundle: they are checked before queueing so a bad request never joins a batch."""
-    model = pipe.manifest.model
-    gen = GenSettings(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        num_inference_steps=req.num_inference_steps,
-        guidance_scale=float(req.guidance_scale),
-        scheduler=req.scheduler,
-        width=req.width or model.default_size,
-        height=req.height or model.default_size,
-        seed=req.seed,
-        num_images=req.num_images,
-        upscale=req.upscale,
-    )
+async def resolve_request(req: ImageRequest, pipe: Any) -> Request | Response:
+    """The request resolved against the bundle (its defaults filled, images decoded), or a 422. Limits depend on
+    the bundle: they are checked before queueing so a bad request never joins a batch. Images are decoded off
+    the event loop."""
     try:
-        pipe.check_request(gen.num_inference_steps, gen.guidance_scale, gen.height, gen.width, gen.num_images)
+        request = to_request(req)
+        if request.image is None:
+            return pipe.check_request(request)
+        return await asyncio.to_thread(pipe.check_request, request)
     except BadInput as e:
-        return _error(422, str(e), _field_of(str(e)))
-    return gen
+        return _error(422, str(e), _field_of(e))
 
 
-def engine_error(request: Request, e: Exception) -> JSONResponse:
+def engine_error(request: HTTPRequest, e: Exception) -> JSONResponse:
     """The answer to a generation that raised: 422 for a refused request, 500 for an engine failure."""
     if isinstance(e, BadInput):
-        return _error(422, str(e), _field_of(str(e)))
+        return _error(422, str(e), _field_of(e))
     log.error("request %s failed: %s: %s", request.scope["state"]["request_id"], type(e).__name__, e)
     return _error(500, f"{type(e).__name__}: {e}")
 
 
-def images_response(request: Request, gen: GenSettings, result: JobResult, headers: dict[str, str]) -> Response:
+def images_response(request: HTTPRequest, gen: Request, result: JobResult, headers: dict[str, str]) -> Response:
     """`Accept: image/png` gets the first image as a PNG; otherwise JSON with every image as base64 PNG."""
     headers = {"X-Batch-Images": str(result.batch_images), **headers}
-    text = parameters_text(gen.prompt, gen.negative_prompt, result.parameters)
+
+    def text(i: int) -> str:
+        return parameters_text(gen.prompts[i], gen.negative_prompt, result.parameters, index=i)
+
     if "image/png" in request.headers.get("accept", ""):
-        return Response(_png(result.images[0], text), media_type="image/png", headers=headers)
-    encoded = [base64.b64encode(_png(im, text)).decode("ascii") for im in result.images]
+        return Response(_png(result.images[0], text(0)), media_type="image/png", headers=headers)
+    encoded = [base64.b64encode(_png(im, text(i))).decode("ascii") for i, im in enumerate(result.images)]
     timings = {k: round(v, 6) for k, v in result.timings.items() if math.isfinite(v)}
     return JSONResponse({"images": encoded, "parameters": result.parameters, "timings": timings}, headers=headers)
 
@@ -293,7 +311,7 @@ def create_app(settings: ServeSettings, loader: Callable[[], Any] | None = None)
             pipe = await batcher.run_in_engine(load)
             batcher.set_pipeline(pipe)
             # One real generation: first calls allocate buffers, build CUDA graphs / pick kernels.
-            await batcher.run_in_engine(lambda: pipe("warm-up", num_inference_steps=1, upscale=True))
+            await batcher.run_in_engine(pipe.warm_up)
             state["ready"] = True
             metrics.ready.set(1)
             log.info("ready in %.1f s (max batch %d images)", time.perf_counter() - t0, batcher.max_batch)
@@ -333,14 +351,14 @@ def create_app(settings: ServeSettings, loader: Callable[[], Any] | None = None)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(IMAGES_PATH, **IMAGES_ROUTE)
-    async def images(request: Request) -> Response:
+    async def images(request: HTTPRequest) -> Response:
         """Generate images. `Accept: image/png` answers the first image as a PNG; otherwise JSON."""
         req = await read_images_request(request, settings)
         if isinstance(req, Response):
             return req
         if not state["ready"]:
             return _error(503, "the model is still loading", headers={"Retry-After": "5"})
-        gen = gen_settings(req, batcher.pipeline)
+        gen = await resolve_request(req, batcher.pipeline)
         if isinstance(gen, Response):
             return gen
         try:

@@ -16,9 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from diffrt.engine.samplers import STOCHASTIC
+from diffrt.engine.request import Request, combine
+from diffrt.engine.request import batch_key as request_batch_key
 from diffrt.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -28,37 +27,14 @@ class QueueFull(Exception):
     """The bounded queue is full; the caller should answer 429."""
 
 
-@dataclass(frozen=True)
-class GenSettings:
-    """One request's generation settings, already validated and normalised (scheduler = short name)."""
-
-    prompt: str
-    negative_prompt: str | None
-    num_inference_steps: int
-    guidance_scale: float
-    scheduler: str
-    width: int
-    height: int
-    seed: int
-    num_images: int
-    upscale: bool
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call. Stochastic samplers draw step noise from the
-        call's single seed, so a batch would change their images: they get a key of their own (never batch)."""
-        key = (
-            self.width,
-            self.height,
-            self.num_inference_steps,
-            self.scheduler,
-            self.guidance_scale,
-            self.upscale,
-            self.negative_prompt or "",
-        )
-        return key if self.scheduler not in STOCHASTIC else (id(self), *key)
+def batch_key(r: Request) -> tuple:
+    """Requests with equal keys share one pipeline call: every image has its own seed and prompt, so batching
+    changes no one's images. Image jobs get a key of their own."""
+    key = request_batch_key(r)
+    return key if key is not None else (id(r),)
 
 
-def compatible_groups(items: list[GenSettings], max_batch: int) -> list[list[int]]:
+def compatible_groups(items: list[Request], max_batch: int) -> list[list[int]]:
     """Indices of `items` (in arrival order) split into groups that may each share one pipeline call, as the
     queue groups them: the oldest request not yet placed, then every later one with its batch key while they
     fit in `max_batch` images. A request of more than `max_batch` images runs alone."""
@@ -67,9 +43,9 @@ def compatible_groups(items: list[GenSettings], max_batch: int) -> list[list[int
     for i, head in enumerate(items):
         if i in placed:
             continue
-        key, total, group = head.batch_key(), head.num_images, [i]
+        key, total, group = batch_key(head), head.num_images, [i]
         for j in range(i + 1, len(items)):
-            if j not in placed and items[j].batch_key() == key and total + items[j].num_images <= max_batch:
+            if j not in placed and batch_key(items[j]) == key and total + items[j].num_images <= max_batch:
                 group.append(j)
                 total += items[j].num_images
         placed.update(group)
@@ -87,7 +63,7 @@ class JobResult:
 
 @dataclass
 class Job:
-    settings: GenSettings
+    settings: Request  # resolved
     future: asyncio.Future
     is_disconnected: Callable[[], Awaitable[bool]] | None = None
     enqueued: float = field(default_factory=time.perf_counter)
@@ -142,7 +118,7 @@ class Batcher:
     def depth(self) -> int:
         return len(self._pending)
 
-    def submit(self, settings: GenSettings, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> Job:
+    def submit(self, settings: Request, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> Job:
         """Queue a job (raises QueueFull). The caller awaits `job.future` and cancels it to withdraw."""
         if len(self._pending) >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} waiting)")
@@ -172,9 +148,9 @@ class Batcher:
 
     def _fitting(self, head: Job) -> list[Job]:
         """Head first, then later compatible jobs in order, while they fit in max_batch images."""
-        key, total, out = head.settings.batch_key(), head.settings.num_images, [head]
+        key, total, out = batch_key(head.settings), head.settings.num_images, [head]
         for job in self._pending:
-            if job is head or job.settings.batch_key() != key:
+            if job is head or batch_key(job.settings) != key:
                 continue
             if total + job.settings.num_images <= self.max_batch:
                 out.append(job)
@@ -245,7 +221,7 @@ class Batcher:
         return True
 
     # --- engine thread -------------------------------------------------------------------------------------
-    def run_group(self, group: list[GenSettings]) -> list[JobResult | BaseException]:
+    def run_group(self, group: list[Request]) -> list[JobResult | BaseException]:
         """One pipeline call for a compatible group (equal batch keys, at most max_batch images in all): a
         result or an exception per request. Engine thread only; the Ray Serve deployment calls it too."""
         try:
@@ -259,44 +235,18 @@ class Batcher:
         except Exception as e:  # noqa: BLE001 - handed to the request's future, logged by the app
             return [e] * len(group)
 
-    def _run_group(self, group: list[GenSettings]) -> list[JobResult]:
-        s0, pipe = group[0], self.pipeline
-        total = sum(s.num_images for s in group)
-        kwargs = dict(
-            negative_prompt=s0.negative_prompt,
-            num_inference_steps=s0.num_inference_steps,
-            guidance_scale=s0.guidance_scale,
-            scheduler=s0.scheduler,
-            height=s0.height,
-            width=s0.width,
-            upscale=s0.upscale,
-            output_type="pil",
-        )
-        if len(group) == 1:
-            out = pipe(s0.prompt, num_images=s0.num_images, seed=s0.seed, **kwargs)
-        else:
-            # Each request's own starting noise, drawn exactly as a lone call would draw it, so batching does
-            # not change anyone's image (only deterministic samplers reach here; see GenSettings.batch_key).
-            m = pipe.manifest.model
-            f, c = m.vae_scale_factor, m.latent_channels
-            latents = np.concatenate(
-                [
-                    np.random.default_rng(s.seed).standard_normal(
-                        (s.num_images, c, s.height // f, s.width // f), dtype=np.float32
-                    )
-                    for s in group
-                ]
-            )
-            prompts = [s.prompt for s in group for _ in range(s.num_images)]
-            out = pipe(prompts, num_images=total, seed=s0.seed, latents=latents, **kwargs)
+    def _run_group(self, group: list[Request]) -> list[JobResult]:
+        out = self.pipeline.generate(combine(group))
+        total = sum(r.num_images for r in group)
         if self.metrics:
             self.metrics.batch_images.observe(total)
             self.metrics.images.inc(total)
             for stage, seconds in out.timings.items():
                 self.metrics.stage_seconds.labels(stage=stage).observe(seconds)
         results, i = [], 0
-        for s in group:
-            params = {**out.parameters, "prompt": s.prompt, "seed": s.seed, "num_images": s.num_images}
-            results.append(JobResult(out.images[i : i + s.num_images], params, dict(out.timings), total))
-            i += s.num_images
+        for r in group:
+            own = {"prompt": r.prompts[0], "seed": r.seeds[0], "all_seeds": list(r.seeds), "num_images": r.num_images}
+            images = out.images[i : i + r.num_images]
+            results.append(JobResult(images, {**out.parameters, **own}, dict(out.timings), total))
+            i += r.num_images
         return results

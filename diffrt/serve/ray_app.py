@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
+from diffrt.engine.request import Request
 from diffrt.errors import BadInput
 from diffrt.serve.app import (
     IMAGES_PATH,
@@ -39,11 +41,11 @@ from diffrt.serve.app import (
     ServeSettings,
     _error,
     engine_error,
-    gen_settings,
     images_response,
     read_images_request,
+    resolve_request,
 )
-from diffrt.serve.batcher import Batcher, GenSettings, JobResult, compatible_groups
+from diffrt.serve.batcher import Batcher, JobResult, compatible_groups
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class Work:
     """One request for the batch queue. `weight` is its images, at most max_batch, so that a request bigger than
     max_batch (allowed: the bundle decides) still forms a batch, alone, instead of being refused by Ray."""
 
-    settings: GenSettings
+    settings: Request  # resolved
     weight: int
 
 
@@ -111,7 +113,7 @@ class DiffrtReplica:
             lambda: Pipeline.load(settings.bundle, backend=settings.backend, threads=settings.threads)
         )
         self.batcher.set_pipeline(pipe)  # caps max_batch at the bundle's images per call
-        await self.batcher.run_in_engine(lambda: pipe("warm-up", num_inference_steps=1, upscale=True))
+        await self.batcher.run_in_engine(pipe.warm_up)
         self.generate.set_max_batch_size(self.batcher.max_batch)
         self.generate.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
         self.metrics.ready.set(1)
@@ -136,12 +138,12 @@ class DiffrtReplica:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @api.post(IMAGES_PATH, **IMAGES_ROUTE)
-    async def images(self, request: Request) -> Response:
+    async def images(self, request: HTTPRequest) -> Response:
         """Generate images. `Accept: image/png` answers the first image as a PNG; otherwise JSON."""
         req = await read_images_request(request, self.settings)
         if isinstance(req, Response):
             return req
-        gen = gen_settings(req, self.batcher.pipeline)
+        gen = await resolve_request(req, self.batcher.pipeline)
         if isinstance(gen, Response):
             return gen
         try:

@@ -106,6 +106,26 @@ def build_sd(folder: Path, flavour: Flavour = "sd1", seed: int = 0, *, sample_si
     return folder
 
 
+def to_inpainting(folder: Path, seed: int = 0) -> Path:
+    """Turn a saved SD or SDXL folder into an inpainting checkpoint, as the real ones are made: a UNet of
+    2 x 4 + 1 input channels (latents, mask, masked-image latents) and the inpainting pipeline class."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(folder)
+    config = UNet2DConditionModel.load_config(folder / "unet")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config({**config, "in_channels": 9}).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    unet.save_pretrained(folder / "unet")
+    index = json.loads((folder / "model_index.json").read_text())
+    xl = index["_class_name"].startswith("StableDiffusionXL")
+    index["_class_name"] = "StableDiffusionXLInpaintPipeline" if xl else "StableDiffusionInpaintPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 if __name__ == "__main__":  # python -m tests.builders.sd FOLDER [sd1|sd2]
     import sys
 

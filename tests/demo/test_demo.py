@@ -15,7 +15,8 @@ from diffrt.demo.reference import diffrt_generator, diffusers_generator
 from diffrt.demo.scenes import analyse
 
 pytestmark = pytest.mark.skipif(not (CHECKPOINT / "model_index.json").exists(), reason="demo checkpoint not built")
-SETTINGS = (DEMO_DEFAULTS["scheduler"], DEMO_DEFAULTS["steps"], DEMO_DEFAULTS["guidance"])  # what `generate demo` uses
+# what `generate demo` uses
+SETTINGS = (DEMO_DEFAULTS["scheduler"], DEMO_DEFAULTS["num_inference_steps"], DEMO_DEFAULTS["guidance_scale"])
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import inspect  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -32,7 +31,10 @@ from diffrt.engine.samplers import SAMPLERS, resolve_sampler, run_sampler  # noq
 from diffrt.engine.schedules import make_schedule  # noqa: E402
 from diffrt.errors import BadInput  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers on numpy 2
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # diffusers on numpy 2
+    pytest.mark.usefixtures("injected_noise"),  # tests/engine/conftest.py
+]
 TOL = 1e-4  # max abs difference of the final latents, float32 on both sides
 DIFFUSERS = {  # sampler -> (diffusers class, from_config overrides the name implies)
     "ddim": (scheduling_ddim.DDIMScheduler, {}),
@@ -115,35 +117,6 @@ def stand_in_unet(x: np.ndarray, t: float) -> np.ndarray:
     mix = np.float32(0.2 + 0.1 * np.sin(t / 90.0))
     structure = np.tanh(x * np.float32(0.6 + 0.3 * np.cos(t / 170.0)) + mix * np.roll(x, 1, axis=1))
     return (x * np.float32((1.0 - a) ** 0.5) + structure * np.float32(0.5 * a**0.5)).astype(np.float32)
-
-
-def _quad(f, a, b, **_):
-    """Gauss-Legendre stand-in for scipy.integrate.quad when scipy is absent: exact for LMS's cubic integrands."""
-    nodes, weights = np.polynomial.legendre.leggauss(8)
-    a, b = float(a), float(b)
-    mid, half = (a + b) / 2, (b - a) / 2
-    return half * sum(w * float(f(mid + half * x)) for x, w in zip(nodes, weights)), 0.0
-
-
-@pytest.fixture(autouse=True)
-def injected_noise(monkeypatch):
-    """diffusers' step noise comes from a NumPy stream; `ours()` returns the same stream for diffrt."""
-    seed = 1234
-    stream = np.random.default_rng(seed)
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(stream.standard_normal(tuple(shape), dtype=np.float32))
-
-    for module in (scheduling_euler_ancestral_discrete, scheduling_dpmsolver_multistep, scheduling_lcm):
-        monkeypatch.setattr(module, "randn_tensor", randn_tensor)
-    if not hasattr(scheduling_lms_discrete, "integrate"):  # diffusers' LMS needs scipy only for this integral
-        monkeypatch.setattr(scheduling_lms_discrete, "integrate", SimpleNamespace(quad=_quad), raising=False)
-
-    def ours():
-        rng = np.random.default_rng(seed)
-        return lambda shape: rng.standard_normal(shape, dtype=np.float32)
-
-    return ours
 
 
 def run_diffusers(sampler, config, steps, latents):

@@ -21,10 +21,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from diffrt.bundle import ComponentEntry, Manifest, ModelInfo, TokenizerInfo
+from diffrt.cli import add_build_parser, cmd_build, options_from_args
 from diffrt.engine import trt_build as tb
-from diffrt.engine.trt import TensorRTBackend, available_reason, bundle_root, request_hint
-from diffrt.engine.trt_build import BuildOptions, Environment, profile_shapes
-from diffrt.engine.trt_cli import add_build_parser, cmd_build, options_from_args, reuse_decision, timing_seed
+from diffrt.engine.trt import TensorRTBackend, bundle_root, request_hint
+from diffrt.engine.trt_build import BuildOptions, profile_shapes, reuse_decision, timing_seed
+from diffrt.engine.trt_env import Environment, available_reason
 from diffrt.errors import BadInput
 from diffrt.specs import SDShapes, sd_specs, upscaler_spec
 
@@ -437,7 +438,7 @@ def trt_identifiers(request) -> set[str]:
 
 def collected() -> dict[str, set]:
     merged = {"trt": set(), "cudart": set(), "roles": set()}
-    for f in ("trt_build.py", "trt.py", "trt_cli.py"):
+    for f in ("trt_build.py", "trt.py", "trt_env.py"):
         for k, v in used_names(ENGINE / f).items():
             merged[k] |= v
     return merged

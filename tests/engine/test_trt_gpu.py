@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from diffrt.bundle import load_manifest
-from diffrt.engine.trt import available_reason
+from diffrt.engine.trt_env import available_reason
 
 pytestmark = pytest.mark.gpu
 COSINE = 0.999  # FP16 engine vs the FP32 graph on ONNX Runtime CPU, per output
@@ -66,12 +66,12 @@ def test_cuda_graph_replay_equals_plain_execution():
         pytest.skip(f"CUDA-graph machinery (pinned buffers, capture, replay, re-capture) not covered: {reason}")
     from cuda.bindings import runtime as cudart
 
-    from diffrt.engine.trt import STEADY_INPUTS, StepRunner, _ok
+    from diffrt.engine.trt import StepRunner, _ok
 
     stream = _ok(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
     graphed, plain = StandIn(stream), StandIn(stream)
-    g = StepRunner("stand-in", stream, graphed.enqueue, graphed.bind, True, STEADY_INPUTS)
-    p = StepRunner("stand-in", stream, plain.enqueue, plain.bind, False, STEADY_INPUTS)
+    g = StepRunner("stand-in", stream, graphed.enqueue, graphed.bind, True, ("encoder_hidden_states",))
+    p = StepRunner("stand-in", stream, plain.enqueue, plain.bind, False, ("encoder_hidden_states",))
     rng = np.random.default_rng(0)
     ios = {shape: (make_io(*shape), make_io(*shape)) for shape in ((2, 8), (1, 16))}
     try:
@@ -110,8 +110,7 @@ def trt_bundle(request, tmp_path_factory):
     reason = available_reason()
     if reason:
         pytest.skip(f"TensorRT engines (build, ORT parity, CUDA-graph replay, generate) not covered: {reason}")
-    from diffrt.engine.trt_build import BuildOptions
-    from diffrt.engine.trt_cli import build_bundle
+    from diffrt.engine.trt_build import BuildOptions, build_bundle
 
     bundle = tmp_path_factory.mktemp("trt") / "sd1"
     # Plans are written into the bundle: work on a copy; the tiny export runs only when the test can.
@@ -132,10 +131,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_build_reuses_matching_plans(trt_bundle, caplog):
-    from diffrt.engine.trt_build import BuildOptions
-    from diffrt.engine.trt_cli import build_bundle
+    from diffrt.engine.trt_build import BuildOptions, build_bundle
 
-    with caplog.at_level("INFO", logger="diffrt.engine.trt_cli"):
+    with caplog.at_level("INFO", logger="diffrt.engine.trt_build"):
         build_bundle(trt_bundle, BuildOptions())
     assert "0 built" in caplog.text and "reusing plan" in caplog.text
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from diffrt.bundle import ModelInfo
-from diffrt.engine.trt import STEADY_INPUTS
 from diffrt.engine.trt_build import BuildOptions, profile_shapes
 from diffrt.specs import SDShapes, sd_specs
 
@@ -51,7 +50,8 @@ def test_lcm_profiles_never_double_the_batch():
 
 
 def test_conditions_are_uploaded_once_per_generation_not_per_step():
-    unet = sd_specs(SDXL)["unet"]
-    per_generation = {t.name for t in unet.inputs} - {"sample", "timestep"}
-    assert per_generation <= STEADY_INPUTS
-    assert "timestep_cond" in STEADY_INPUTS and "sample" not in STEADY_INPUTS
+    for shapes in (SDXL, LCM):
+        unet = sd_specs(shapes)["unet"]
+        steady = {t.name for t in unet.inputs if t.steady}
+        assert steady == {t.name for t in unet.inputs} - {"sample", "timestep"}, steady
+    assert "timestep_cond" in {t.name for t in sd_specs(LCM)["unet"].inputs if t.steady}

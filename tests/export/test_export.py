@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
-from diffrt.bundle import load_manifest
+from diffrt.bundle import SCHEMA_VERSION, load_manifest
 from diffrt.export.fp16 import FLOAT, HALF, fp16_fraction
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 
 @pytest.mark.parametrize("flavour", ["sd1", "sd2"])
@@ -29,7 +29,7 @@ def test_export_writes_a_complete_validated_bundle(flavour, request):
     # Every component and precision validated at two shapes, one of them non-square for the spatial ones.
     for name in COMPONENTS:
         for precision in ("fp32", "fp16"):
-            rows = [c for c in result.checks if c.component == name and c.precision == precision]
+            rows = [c for c in result.checks if c.component.split(":")[0] == name and c.precision == precision]
             assert len({c.shape for c in rows}) >= 2, rows
             assert all(c.passed and c.finite for c in rows), rows
     unet_shapes = {c.shape for c in result.checks if c.component == "unet"}
@@ -102,6 +102,6 @@ def test_fp16_unet_stays_close_to_fp32_at_every_timestep(sd1_bundle):
 
 def test_manifest_is_plain_json_with_tool_versions(sd1_bundle):
     d = json.loads((sd1_bundle / "manifest.json").read_text())
-    assert d["schema_version"] == 1
+    assert d["schema_version"] == SCHEMA_VERSION == 2
     assert {"diffrt", "torch", "onnx", "onnxruntime"} <= set(d["tools"])
     assert len(d["source"]["sha256"]) == 64

@@ -9,7 +9,7 @@ import torch
 from diffrt.bundle import load_manifest
 from diffrt.export.checkpoint import load_diffusers_folder
 
-XL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+XL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
 def test_sdxl_export_writes_a_complete_validated_bundle(sdxl_export):
@@ -40,13 +40,14 @@ def test_sdxl_export_writes_a_complete_validated_bundle(sdxl_export):
     labels = {c.component for c in result.checks}
     assert {"text_encoder", "text_encoder_2:text_embeddings", "text_encoder_2:text_embeds", "unet"} <= labels
     for label in labels:
-        for precision in ("fp32",) if label == "vae_decoder" else ("fp32", "fp16"):
+        for precision in ("fp32",) if label.startswith("vae_") else ("fp32", "fp16"):
             rows = [c for c in result.checks if c.component == label and c.precision == precision]
             assert len({c.shape for c in rows}) >= 2, rows
             assert all(c.passed and c.finite for c in rows), rows
-    # SDXL's VAE asks for FP32 (force_upcast): the FP16 bundle decodes with the FP32 graph
-    vae = manifest.components["vae_decoder"].files
-    assert vae["fp16"] == vae["fp32"] and not (bundle / "onnx/vae_decoder.fp16.onnx").exists()
+    # SDXL's VAE asks for FP32 (force_upcast): the FP16 bundle encodes and decodes with the FP32 graphs
+    for name in ("vae_decoder", "vae_encoder"):
+        vae = manifest.components[name].files
+        assert vae["fp16"] == vae["fp32"] and not (bundle / f"onnx/{name}.fp16.onnx").exists()
 
 
 def test_sdxl_text_encoders_give_diffusers_conditioning(sdxl_folder, sdxl_bundle):

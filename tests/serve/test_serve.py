@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import socket
@@ -48,12 +49,12 @@ class GatedPipeline:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def __call__(self, prompt, **kw):
-        self.prompts.append([prompt] if isinstance(prompt, str) else list(prompt))
+    def generate(self, request, callback=None):
+        self.prompts.append(list(request.prompts))
         self.threads.add(threading.current_thread().name)
         self.entered.set()
         assert self.gate.wait(30), "test gate never opened"
-        return self.pipe(prompt, **kw)
+        return self.pipe.generate(request, callback)
 
 
 @pytest.fixture(scope="module")
@@ -183,10 +184,10 @@ def test_bad_requests_are_4xx_naming_the_field_and_server_keeps_serving(pipe):
         for data, (status, needle) in raw.items():
             r = await c.post("/v1/images", content=data, headers={"content-type": "application/json"})
             assert r.status_code == status and needle in r.json()["detail"], (data, r.text)
-        big = json.dumps({"prompt": "x" * 70_000}).encode()
+        big = json.dumps({"prompt": "x", "image": "A" * (16 * 2**20)}).encode()
         r = await c.post("/v1/images", content=big, headers={"content-type": "application/json"})
         assert r.status_code == 413 and "bytes" in r.json()["detail"]
-        assert len(gated.prompts) == 1  # only the warm-up: no bad request reached the engine
+        assert not gated.prompts  # no bad request reached the engine (the warm-up runs inside the Pipeline)
         r = await c.post("/v1/images", json={"prompt": "still fine", **FAST})
         assert r.status_code == 200 and len(r.json()["images"]) == 1
         m = (await c.get("/metrics")).text
@@ -235,23 +236,32 @@ async def _depth_is(c, n: int) -> bool:
     return metric((await c.get("/metrics")).text, "diffrt_queue_depth") == n
 
 
-def test_stochastic_samplers_are_not_batched(pipe):
+def test_stochastic_samplers_batch_and_match_single_runs(pipe):
+    """Each image draws its step noise from its own seed, so euler_a requests batch like the others and give
+    the images they give alone."""
     app, gated = make_app(pipe, batch_wait_ms=50)
+    body = {"num_inference_steps": 2, "scheduler": "euler_a"}
 
     async def fn(c):
         gated.hold()
         blocker = asyncio.create_task(c.post("/v1/images", json={"prompt": "blocker", **FAST}))
         await _wait_for(lambda: asyncio.to_thread(gated.entered.is_set), "the blocker")
-        body = {"num_inference_steps": 2, "scheduler": "euler_a"}
         tasks = [
-            asyncio.create_task(c.post("/v1/images", json={"prompt": f"p{i}", "seed": i, **body})) for i in range(2)
+            asyncio.create_task(
+                c.post("/v1/images", json={"prompt": f"p{i}", "seed": i, **body}, headers={"Accept": "image/png"})
+            )
+            for i in range(2)
         ]
         await _wait_for(lambda: _depth_is(c, 2), "two queued")
         gated.gate.set()
         answers = await asyncio.gather(blocker, *tasks)
-        assert [a.headers["x-batch-images"] for a in answers] == ["1", "1", "1"]
+        assert [a.headers["x-batch-images"] for a in answers] == ["1", "2", "2"]
+        return [np.asarray(decode_png(a.content), dtype=np.int16) for a in answers[1:]]
 
-    run_with_client(app, fn)
+    batched = run_with_client(app, fn)
+    for i, got in enumerate(batched):
+        want = np.asarray(pipe(f"p{i}", seed=i, **body).images[0], dtype=np.int16)
+        assert np.abs(got - want).max() <= 2
 
 
 def test_queue_full_is_429_and_timeout_is_504(pipe):
@@ -417,3 +427,79 @@ def test_threading_rules(pipe):
 
     run_with_client(app, fn)
     assert gated.threads and all(name.startswith("diffrt-engine") for name in gated.threads)
+
+
+def _b64_png(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def test_image_jobs_take_base64_images_and_refuse_bad_ones_with_422(pipe):
+    """image and mask_image as base64 (or data: URLs): the same pictures as the Python API from the same
+    bytes; hostile or inconsistent ones are 422s naming the field and never reach the engine."""
+    from tests.builders.images import png_bomb, truncated_png
+    from tests.engine.test_pipeline_img2img import mask, picture
+
+    init, hole = _b64_png(picture(1)), _b64_png(mask())
+    steps = {"num_inference_steps": 4, "scheduler": "euler", "seed": 9}
+    bad = [
+        ({"image": "%%% not base64"}, "image", "base64"),
+        ({"image": base64.b64encode(truncated_png()).decode()}, "image", "not a readable image"),
+        ({"image": base64.b64encode(png_bomb()).decode()}, "image", "pixels"),
+        ({"mask_image": hole}, "mask_image", "needs image"),
+        ({"image": init, "strength": 0}, "strength", "strength"),
+        ({"image": init, "strength": 1.5}, "strength", "strength"),
+        ({"image": init, "strength": 0.1}, "strength", "no step"),
+        ({"strength": 0.5}, "strength", "image"),
+        ({"image": init, "paste_back": True}, "paste_back", "mask_image"),
+    ]
+    app, gated = make_app(pipe)
+
+    async def fn(c):
+        r = await c.post("/v1/images", json={"prompt": "a fox", "image": init, "strength": 0.5, **steps},
+                         headers={"Accept": "image/png"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        img2img = decode_png(r.content)
+        digest = hashlib.sha256(base64.b64decode(init)).hexdigest()[:10]
+        assert "Denoising strength: 0.5" in img2img.info["parameters"]
+        assert f"Init image hash: {digest}" in img2img.info["parameters"]
+        body = {"prompt": "a fox", "image": init, "mask_image": "data:image/png;base64," + hole, **steps}
+        r = await c.post("/v1/images", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["parameters"]["job"] == "inpaint" and r.json()["parameters"]["strength"] == 1.0
+        inpaint = decode_png(base64.b64decode(r.json()["images"][0]))
+        engine_calls = len(gated.prompts)
+        for extra, field, needle in bad:
+            r = await c.post("/v1/images", json={"prompt": "a fox", **steps, **extra})
+            assert r.status_code == 422, (field, r.text)
+            assert r.json()["field"] == field and needle in r.json()["detail"], (field, r.text)
+        assert len(gated.prompts) == engine_calls
+        return img2img, inpaint
+
+    img2img, inpaint = run_with_client(app, fn)
+    want = pipe("a fox", image=picture(1), strength=0.5, **steps).images[0]
+    assert np.abs(np.asarray(img2img, np.int16) - np.asarray(want, np.int16)).max() <= 1
+    want = pipe("a fox", image=picture(1), mask_image=mask(), **steps).images[0]
+    assert np.abs(np.asarray(inpaint, np.int16) - np.asarray(want, np.int16)).max() <= 1
+
+
+def test_served_lcm_bundle_runs_what_generate_runs(lcm_bundle, capsys, tmp_path):
+    """A request without scheduler, steps or guidance takes the bundle's defaults: LCM on an LCM bundle, the
+    same settings and picture as `diffrt generate` on it."""
+    from diffrt.cli import main
+
+    lcm = Pipeline.load(lcm_bundle, backend="ort-cpu")
+    app, _ = make_app(lcm)
+
+    async def fn(c):
+        r = await c.post("/v1/images", json={"prompt": "a fox", "seed": 4}, headers={"Accept": "image/png"})
+        assert r.status_code == 200, r.text
+        return decode_png(r.content)
+
+    served = run_with_client(app, fn)
+    assert main(["generate", str(lcm_bundle), "a fox", "--seed", "4", "-o", str(tmp_path / "g.png")]) == 0
+    generated = Image.open(tmp_path / "g.png")
+    assert "Sampler: LCM" in served.info["parameters"]
+    assert served.info["parameters"] == generated.text["parameters"]
+    assert np.array_equal(np.asarray(served), np.asarray(generated))
