@@ -219,12 +219,13 @@ def sd_specs(s: SDShapes) -> dict[str, ComponentSpec]:
     image = ("batch", 3, "height", "width")
     pixels = (("height", "latent_height", f), ("width", "latent_width", f))
     images = (("batch", DimRange(1, 1, s.max_images)), *spatial)
-    # the posterior's parameters: the runtime draws z = mean + exp(logvar / 2) eps itself (diffusers samples)
+    # the posterior's parameters: the runtime draws z = mean + exp(logvar / 2) eps itself (diffusers samples),
+    # one draw per image of the call from one encoding of the init image: its batch is always 1
     specs["vae_encoder"] = ComponentSpec(
         name="vae_encoder",
         inputs=(TensorSpec("image", "float32", image, "uniform"),),
         outputs=(TensorSpec("latent_mean", "float32", latent), TensorSpec("latent_logvar", "float32", latent)),
-        dims=images,
+        dims=(("batch", DimRange(1, 1, 1)), *spatial),
         multiples=(("latent_height", mult), ("latent_width", mult)),
         derived=pixels,
     )

@@ -70,6 +70,8 @@ def span_text(span: Span) -> str:
 def _batch_range(spec: ComponentSpec, r: DimRange, options: BuildOptions, model: ModelInfo) -> DimRange:
     # negative + positive rows go through CFG-batched components (unless the bundle's guidance is an input)
     k = 2 if options.guidance and model.classifier_free_guidance and spec.cfg_batched else 1
+    if r.max == 1:  # called once per generation whatever its image count (the VAE encoder)
+        return r
     span = options.batch or ((1, 1) if options.profile == "static" else None)
     if span is None:
         return DimRange(r.min, min(max(k, r.min), r.max), r.max)

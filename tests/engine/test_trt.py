@@ -60,19 +60,21 @@ def test_static_profile_is_native_size_one_image_with_guidance(specs):
     }
     assert profile_shapes(specs["text_encoder"], BuildOptions(), MODEL) == {"input_ids": ((2, 77),) * 3}
     assert profile_shapes(specs["vae_decoder"], BuildOptions(), MODEL) == {"latent": ((1, 4, 64, 64),) * 3}
+    assert profile_shapes(specs["vae_encoder"], BuildOptions(), MODEL) == {"image": ((1, 3, 512, 512),) * 3}
 
 
 def test_static_profile_follows_size_batch_and_guidance(specs):
     opts = BuildOptions(height=(768, 768), width=(512, 512), batch=(3, 3))
     assert profile_shapes(specs["unet"], opts, MODEL)["sample"] == ((6, 4, 96, 64),) * 3
     assert profile_shapes(specs["vae_decoder"], opts, MODEL)["latent"] == ((3, 4, 96, 64),) * 3
+    assert profile_shapes(specs["vae_encoder"], opts, MODEL)["image"] == ((1, 3, 768, 512),) * 3  # one init image
     no_cfg = dataclasses.replace(opts, guidance=False)
     assert profile_shapes(specs["unet"], no_cfg, MODEL)["sample"] == ((3, 4, 96, 64),) * 3
     assert profile_shapes(specs["text_encoder"], no_cfg, MODEL)["input_ids"] == ((3, 77),) * 3
 
 
 def test_dynamic_profile_is_the_spec_ranges(specs):
-    for name in ("text_encoder", "unet", "vae_decoder"):
+    for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
         spec, prof = specs[name], profile_shapes(specs[name], BuildOptions(profile="dynamic"), MODEL)
         for which in ("min", "max"):
             dims = {d: getattr(r, which) for d, r in spec.dim_ranges.items()}
