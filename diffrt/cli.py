@@ -71,6 +71,34 @@ SDXL_FLAGS = {  # Request field -> flag: SDXL conditioning, refused on other bun
 }
 
 
+def add_hires_flags(p: argparse.ArgumentParser) -> None:
+    from diffrt.engine.hires import UPSCALERS, HiresOptions
+
+    hires = p.add_argument_group("hires fix: a second pass at a larger size (A1111's names and defaults)")
+    hires.add_argument("--hires", type=float, metavar="SCALE", help="upscale by SCALE in [1, 4] and refine, e.g. 2")
+    hires.add_argument(
+        "--hires-upscaler",
+        help=f"{', '.join(UPSCALERS)} (default {HiresOptions.upscaler}; esrgan: the bundle's upscaler)",
+    )
+    hires.add_argument(
+        "--hires-strength", type=float, help=f"denoising strength of the second pass (default {HiresOptions.strength})"
+    )
+    hires.add_argument("--hires-steps", type=int, help="steps of the second pass (default: --steps)")
+
+
+def hires_from_args(args: argparse.Namespace):
+    """HiresOptions from the --hires flags (None without --hires); options left out keep HiresOptions' defaults."""
+    from diffrt.engine.hires import HiresOptions
+
+    given = {k: getattr(args, f"hires_{k}") for k in ("upscaler", "strength", "steps")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.hires is None:
+        if given:
+            raise BadInput(f"--hires-{next(iter(given))} needs --hires SCALE (the second pass's upscale, e.g. 2)")
+        return None
+    return HiresOptions(scale=args.hires, **given)
+
+
 def request_from_args(args: argparse.Namespace):
     """The generate flags as one Request; flags left out stay None, so the Request's defaults apply."""
     from diffrt.engine.request import Request
@@ -91,6 +119,7 @@ def request_from_args(args: argparse.Namespace):
         "strength": args.strength,
         "paste_back": args.paste_back or None,
         "mask_blur": args.mask_blur,
+        "hires": hires_from_args(args),
         **{name: getattr(args, name) for name in SDXL_FLAGS},
     }
     return Request(args.prompt, **{k: v for k, v in fields.items() if v is not None})
@@ -168,6 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         runs=args.runs,
         upscale=not args.no_upscale,
         threads=args.threads,
+        hires=hires_from_args(args),
     )
     bar = tqdm(total=args.warmup + args.runs, desc="bench", unit="run", disable=args.quiet, leave=False)
     report = run_bench(args.bundle, settings, progress=lambda: bar.update(1))
@@ -332,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PX",
         help=f"blur of the paste-back mask in pixels (default {Request.mask_blur})",
     )
+    add_hires_flags(p)
     sdxl = p.add_argument_group("SDXL conditioning (diffusers' names and defaults)")
     sdxl.add_argument("--prompt-2", help="prompt for the second text encoder (default: the prompt)")
     sdxl.add_argument("--negative-prompt-2", help="negative prompt for the second text encoder (default: --negative)")
@@ -360,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-upscale", action="store_true")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the report with the environment as JSON")
+    add_hires_flags(p)
     p.set_defaults(func=cmd_bench)
 
     add_build_parser(sub)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffrt.engine.hires import HiresOptions
 from diffrt.engine.request import Request
 
 BENCH_SCHEMA = 1
@@ -32,6 +33,7 @@ class BenchSettings:
     runs: int = 10
     upscale: bool = True
     threads: int = 0  # ort-cpu intra-op threads, 0 = all cores
+    hires: HiresOptions | None = None  # a second pass (hires fix): its stages are reported as hires_*
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -82,6 +84,7 @@ def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
         num_images=s.batch,
         upscale=s.upscale,
         output_type="np",
+        hires=s.hires,
     )
     request = pipe.check_request(request)  # the bundle's defaults, reported below
     for i in range(s.warmup):
@@ -94,16 +97,22 @@ def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
         t = dict(out.timings)
         t["unet_steps"] = list(out.unet_times)
         t["host"] = t["denoise"] - t["unet"]  # sampler math, CFG combine, copies between UNet calls
+        if "hires_denoise" in t:
+            t["hires_host"] = t["hires_denoise"] - t["hires_unet"]
         runs.append(t)
         if progress:
             progress()
     stages = {}
-    for name in ("tokenizer", "text_encoder", "unet", "host", "vae_decoder", "upscaler", "total"):
+    first = ("tokenizer", "text_encoder", "unet", "host")
+    second = ("hires_upscale", "hires_vae_decoder", "hires_upscaler", "hires_vae_encoder", "hires_unet", "hires_host")
+    for name in (*first, *second, "vae_decoder", "upscaler", "total"):
         values = [r[name] for r in runs if name in r]
         if values:
             stages[name] = stats(values)
     stages["unet_step"] = stats([x for r in runs for x in r["unet_steps"]])
-    model_sum = [r["text_encoder"] + r["unet"] + r["vae_decoder"] + r.get("upscaler", 0.0) for r in runs]
+    models = ("text_encoder", "unet", "vae_decoder", "upscaler", "hires_vae_decoder", "hires_upscaler",
+              "hires_vae_encoder", "hires_unet")  # fmt: skip
+    model_sum = [sum(r.get(k, 0.0) for k in models) for r in runs]
     overhead = [r["total"] - m for r, m in zip(runs, model_sum)]
     total = stages["total"]["median_ms"] / 1000
     return {
@@ -117,6 +126,7 @@ def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
             "scheduler": request.scheduler,
             "width": request.width,
             "height": request.height,
+            "hires": asdict(request.hires) if request.hires else None,
         },
         "environment": environment(s.threads),
         "load_s": load_s,
@@ -134,7 +144,8 @@ def format_table(report: dict) -> str:
     lines = [
         f"diffrt bench  backend={report['backend']}  {s['width']}x{s['height']}  batch={s['batch']}  "
         f"steps={s['steps']}  scheduler={s['scheduler'] or 'bundle default'}  "
-        f"runs={s['runs']} (+{s['warmup']} warm-up)",
+        f"runs={s['runs']} (+{s['warmup']} warm-up)"
+        + (f"  hires={s['hires']['scale']:g}x {s['hires']['upscaler']}" if s.get("hires") else ""),
         f"{'stage':<14}{'median ms':>12}{'p90 ms':>12}",
     ]
     for name, st in report["stages"].items():

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 
+from diffrt.engine.hires import UPSCALERS
 from diffrt.errors import BadInput
 
 # What callers may pass as an image: a PIL image, an (H, W[, C]) array (uint8, or float in [0, 1]), a path, bytes
@@ -63,6 +64,12 @@ def parameters_text(prompt: str, negative_prompt: str | None, p: dict, index: in
     if p.get("strength") is not None:
         fields.append(f"Denoising strength: {p['strength']:g}")
         fields.append(f"Init image hash: {p['init_image_sha256'][:10]}")
+    if p.get("hires_scale") is not None:  # A1111's words for its hires fix
+        fields.append(f"Hires upscale: {p['hires_scale']:g}")
+        if p.get("hires_steps"):
+            fields.append(f"Hires steps: {p['hires_steps']}")
+        fields.append(f"Hires upscaler: {UPSCALERS[p['hires_upscaler']]}")
+        fields.append(f"Denoising strength: {p['hires_strength']:g}")
     if p.get("mask_blur") is not None:
         fields.append(f"Mask blur: {p['mask_blur']}")
     if p.get("upscaled"):

@@ -25,14 +25,22 @@ import numpy as np
 from diffrt.bundle import TOKENIZER, TOKENIZER_2, Manifest, load_manifest
 from diffrt.engine.backends import Backend, Session, make_backend
 from diffrt.engine.conditioning import Prompts, TextEncoder, guidance_embedding, text_conditioning, time_ids
-from diffrt.engine.images import blurred, to_hwc, to_pil
-from diffrt.engine.request import Request, bundle_defaults, strength_in_schedule
+from diffrt.engine.hires import resize_latents
+from diffrt.engine.images import blurred, init_image_array, to_hwc, to_pil
+from diffrt.engine.request import Request, bundle_defaults, hires_size, strength_in_schedule
 from diffrt.engine.samplers import denoise, initial, keep_known
 from diffrt.engine.schedules import make_schedule
 from diffrt.engine.tokenizer import ClipTokenizer
 from diffrt.errors import NonFiniteOutput
 
 log = logging.getLogger(__name__)
+
+
+def _offset(callback: Callable[[int, int], None] | None, done: int, total: int):
+    """A pass's progress callback as steps of the whole call (two passes with hires fix)."""
+    if callback is None:
+        return None
+    return lambda i, _: callback(done + i, total)
 
 
 @dataclass
@@ -105,16 +113,121 @@ class Pipeline:
             **(job if "vae_encoder" in self.sessions else {}),
         )
 
-    def _encode(self, image: np.ndarray, eps: np.ndarray, timings: dict[str, float]) -> np.ndarray:
+    def _encode(self, image: np.ndarray, eps: np.ndarray, timings: dict[str, float], key: str = "vae_encoder"):
         """Scaled latents (n, C, h, w) of one image (1, 3, H, W): the posterior sampled with eps, as diffusers."""
         t0 = time.perf_counter()
         out = self.sessions["vae_encoder"].run({"image": image})
-        timings["vae_encoder"] = timings.get("vae_encoder", 0.0) + time.perf_counter() - t0
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
         mean, logvar = out["latent_mean"], out["latent_logvar"]
         if not (np.isfinite(mean).all() and np.isfinite(logvar).all()):
             raise NonFiniteOutput("vae_encoder produced NaN/inf; FP16 VAE overflow: use the FP32 bundle (ort-cpu)")
         std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
         return (mean + std * eps) * np.float32(self.manifest.model.scaling_factor)
+
+    def _eps_fn(self, conditions: dict, cfg: bool, n: int, guidance: float, extra, unet_times: list[float]):
+        """The guided noise prediction for the samplers: one UNet call per evaluation, timed into unet_times."""
+        unet, batch = self.sessions["unet"], conditions["encoder_hidden_states"].shape[0]
+
+        def eps_fn(x_in: np.ndarray, t: float) -> np.ndarray:
+            sample = np.concatenate([x_in, x_in]) if cfg else x_in  # (2n|n, C, h, w)
+            if extra is not None:
+                sample = np.concatenate([sample, extra], axis=1)  # latents, mask, masked-image latents
+            t1 = time.perf_counter()
+            out = unet.run({"sample": sample, "timestep": np.full((batch,), t, np.float32), **conditions})["noise_pred"]
+            unet_times.append(time.perf_counter() - t1)
+            if not cfg:
+                return out
+            uncond, cond = out[:n], out[n:]
+            return uncond + guidance * (cond - uncond)
+
+        return eps_fn
+
+    @staticmethod
+    def _check_latents(latents: np.ndarray) -> None:
+        if not np.isfinite(latents).all():
+            raise NonFiniteOutput(
+                "unet produced NaN/inf latents; with FP16 engines try the FP32 bundle or a "
+                "lower guidance_scale, and report the checkpoint"
+            )
+
+    def _decode(self, latents: np.ndarray, timings: dict[str, float], key: str = "vae_decoder") -> np.ndarray:
+        """Pixels (n, 3, H, W) in [0, 1] of VP latents."""
+        t0 = time.perf_counter()
+        decoded = self.sessions["vae_decoder"].run({"latent": latents / self.manifest.model.scaling_factor})["image"]
+        timings[key] = time.perf_counter() - t0
+        if not np.isfinite(decoded).all():
+            raise NonFiniteOutput(
+                "vae_decoder produced NaN/inf pixels; FP16 VAE overflow — use the FP32 bundle "
+                "(ort-cpu) or a VAE with FP32 islands"
+            )
+        return np.clip(decoded / 2 + 0.5, 0.0, 1.0)
+
+    def _upscale(self, images: np.ndarray, timings: dict[str, float], key: str = "upscaler") -> np.ndarray:
+        """The bundle's upscaler over overlapping tiles: (n, 3, sH, sW) in [0, 1]."""
+        from diffrt.engine.upscale import upscale_tiled
+
+        info, session = self.manifest.upscaler, self.sessions["upscaler"]
+        t0 = time.perf_counter()
+        images = upscale_tiled(
+            lambda tile: session.run({"image": tile})["upscaled"],
+            images,
+            info.scale,
+            tile=info.tile,
+            overlap=info.overlap,
+            size_multiple=info.size_multiple,
+        )
+        timings[key] = time.perf_counter() - t0
+        return np.clip(images, 0.0, 1.0)
+
+    def _second_pass(self, r: Request):
+        """(schedule, height, width) of the hires pass."""
+        h = r.hires
+        height, width = hires_size(self.manifest, r.height, r.width, h.scale)
+        steps = h.steps or r.num_inference_steps
+        schedule = make_schedule(r.scheduler, self.manifest.scheduler, steps, h.strength,
+                                 strength_in_schedule(self.manifest))  # fmt: skip
+        return schedule, height, width
+
+    def _time_ids(self, r: Request, size: tuple[int, int], cfg: bool) -> np.ndarray:
+        """SDXL's micro-conditioning rows for an image of `size` (the request's own sizes where it set them)."""
+        width = self.unet_inputs["time_ids"].shape[1]
+        aesthetic = (r.aesthetic_score, r.negative_aesthetic_score)
+        original, target = r.original_size or size, r.target_size or size
+        return time_ids(original, r.crops_coords_top_left, target, r.num_images, cfg, width, aesthetic)
+
+    def _hires(self, r: Request, latents, second, conditions, cfg, timings, callback) -> np.ndarray:
+        """A1111's hires fix: the first pass's latents brought to the target size, denoised again from the first
+        kept step with fresh noise from the same seeds (each image's generator drawn again from the start)."""
+        schedule, height, width = second
+        f, up = self.manifest.model.vae_scale_factor, r.hires.upscaler
+        rngs = [np.random.default_rng(s) for s in r.seeds]
+
+        def draw(shape: tuple[int, ...]) -> np.ndarray:
+            return np.concatenate([g.standard_normal((1, *shape[1:]), dtype=np.float32) for g in rngs])
+
+        t0 = time.perf_counter()
+        if up == "esrgan":  # pixels: decode, upscale, LANCZOS to the exact target, encode (posterior per image)
+            pixels = self._upscale(self._decode(latents, timings, "hires_vae_decoder"), timings, "hires_upscaler")
+            parts = []
+            for i, im in enumerate(pixels):
+                picture = to_pil(im.transpose(1, 2, 0))
+                eps = rngs[i].standard_normal((1, latents.shape[1], height // f, width // f), dtype=np.float32)
+                parts.append(self._encode(init_image_array(picture, height, width), eps, timings, "hires_vae_encoder"))
+            z = np.concatenate(parts)
+        else:
+            z = resize_latents(latents, height // f, width // f, up)
+        timings["hires_upscale"] = time.perf_counter() - t0
+        if "time_ids" in conditions:  # SDXL: the second pass's own size, unless the request set them
+            conditions = {**conditions, "time_ids": self._time_ids(r, (height, width), cfg)}
+        unet_times: list[float] = []
+        eps_fn = self._eps_fn(conditions, cfg, r.num_images, r.guidance_scale, None, unet_times)
+        x = initial(schedule, draw(z.shape), z)
+        t0 = time.perf_counter()
+        latents = denoise(schedule, eps_fn, x, draw, callback)
+        timings["hires_denoise"] = time.perf_counter() - t0
+        timings["hires_unet"] = sum(unet_times)
+        self._check_latents(latents)
+        return latents
 
     def _generate(self, r: Request, callback: Callable[[int, int], None] | None) -> PipelineOutput:
         start = time.perf_counter()
@@ -130,12 +243,7 @@ class Pipeline:
         conditions = text_conditioning(self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, timings)
         batch = conditions["encoder_hidden_states"].shape[0]  # (2n|n, 77, D)
         if "time_ids" in self.unet_inputs:
-            size = (r.height, r.width)
-            width = self.unet_inputs["time_ids"].shape[1]
-            aesthetic = (r.aesthetic_score, r.negative_aesthetic_score)
-            ids = time_ids(r.original_size or size, r.crops_coords_top_left, r.target_size or size, n, cfg, width,
-                           aesthetic)  # fmt: skip
-            conditions["time_ids"] = ids
+            conditions["time_ids"] = self._time_ids(r, (r.height, r.width), cfg)
         if "timestep_cond" in self.unet_inputs:
             width = self.unet_inputs["timestep_cond"].shape[1]
             conditions["timestep_cond"] = guidance_embedding(r.guidance_scale, width, batch)  # (2n|n, W)
@@ -167,61 +275,25 @@ class Pipeline:
                 after = keep_known(schedule, z, eps, mask)
         x = initial(schedule, eps) if z is None or (inpaint and full) else initial(schedule, eps, z)
 
-        unet, unet_times, guidance = self.sessions["unet"], [], r.guidance_scale
-
-        def eps_fn(x_in: np.ndarray, t: float) -> np.ndarray:
-            sample = np.concatenate([x_in, x_in]) if cfg else x_in  # (2n|n, C, h, w)
-            if extra is not None:
-                sample = np.concatenate([sample, extra], axis=1)  # latents, mask, masked-image latents
-            t1 = time.perf_counter()
-            out = unet.run({"sample": sample, "timestep": np.full((batch,), t, np.float32), **conditions})["noise_pred"]
-            unet_times.append(time.perf_counter() - t1)
-            if not cfg:
-                return out
-            uncond, cond = out[:n], out[n:]
-            return uncond + guidance * (cond - uncond)
-
+        unet_times: list[float] = []
+        eps_fn = self._eps_fn(conditions, cfg, n, r.guidance_scale, extra, unet_times)
+        second = self._second_pass(r) if r.hires is not None else None
+        calls = (schedule.model_calls, second[0].model_calls if second else 0)
         t0 = time.perf_counter()
-        latents = denoise(schedule, eps_fn, x, draw, callback, after)
+        latents = denoise(schedule, eps_fn, x, draw, _offset(callback, 0, sum(calls)), after)
         timings["denoise"] = time.perf_counter() - t0  # the whole loop: UNet calls + sampler/CFG host work
         timings["unet"] = sum(unet_times)
-        if not np.isfinite(latents).all():
-            raise NonFiniteOutput(
-                "unet produced NaN/inf latents; with FP16 engines try the FP32 bundle or a "
-                "lower guidance_scale, and report the checkpoint"
-            )
-
-        t0 = time.perf_counter()
-        decoded = self.sessions["vae_decoder"].run({"latent": latents / m.scaling_factor})["image"]
-        timings["vae_decoder"] = time.perf_counter() - t0
-        if not np.isfinite(decoded).all():
-            raise NonFiniteOutput(
-                "vae_decoder produced NaN/inf pixels; FP16 VAE overflow — use the FP32 bundle "
-                "(ort-cpu) or a VAE with FP32 islands"
-            )
-        images = np.clip(decoded / 2 + 0.5, 0.0, 1.0)  # (n, 3, H, W)
+        self._check_latents(latents)
+        upscaled = None
+        if second is not None:
+            latents = self._hires(r, latents, second, conditions, cfg, timings, _offset(callback, calls[0], sum(calls)))
+        images = self._decode(latents, timings)
         if r.paste_back:  # A1111's overlay: the original outside the (blurred) mask
             alpha = blurred(r.mask_image, r.mask_blur)
             images = (r.image / 2 + 0.5) * (1.0 - alpha) + images * alpha
-
-        upscaled = None
         if r.upscale and self.has_upscaler:
-            from diffrt.engine.upscale import upscale_tiled
-
-            info = self.manifest.upscaler
-            session = self.sessions["upscaler"]
-            t0 = time.perf_counter()
-            images = upscale_tiled(
-                lambda tile: session.run({"image": tile})["upscaled"],
-                images,
-                info.scale,
-                tile=info.tile,
-                overlap=info.overlap,
-                size_multiple=info.size_multiple,
-            )
-            images = np.clip(images, 0.0, 1.0)
-            timings["upscaler"] = time.perf_counter() - t0
-            upscaled = f"{info.architecture} x{info.scale}"
+            images = self._upscale(images, timings)
+            upscaled = f"{self.manifest.upscaler.architecture} x{self.manifest.upscaler.scale}"
         timings["total"] = time.perf_counter() - start
 
         out = to_hwc(images)

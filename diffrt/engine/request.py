@@ -2,8 +2,9 @@
 JSON) and read everywhere after. `resolve(manifest)` fills the bundle's defaults and validates against its
 specs; every default a request can take is written here, once.
 
-Jobs: text to image; image to image (`image`, `strength`); inpainting (`image`, `mask_image`, white =
-repaint). Names and defaults are diffusers' where diffusers has them.
+Jobs: text to image, optionally with a second hires pass (`hires`, A1111's hires fix); image to image
+(`image`, `strength`); inpainting (`image`, `mask_image`, white = repaint). Names and defaults are diffusers'
+where diffusers has them, A1111's where only A1111 has them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from diffrt.bundle import Manifest
+from diffrt.engine.hires import HiresOptions, target_side
 from diffrt.engine.images import ImageLike, decode_image, init_image_array, mask_array, target_size
 from diffrt.engine.samplers import default_sampler, resolve_sampler
 from diffrt.engine.schedules import first_step
@@ -63,6 +65,8 @@ class Request:
     mask_image: ImageLike | None = None  # white = repaint; resized to the image size as diffusers does
     paste_back: bool = False  # paste the unmasked original back through the mask blurred by mask_blur (A1111)
     mask_blur: int = 4  # pixels of Gaussian blur on the paste-back mask
+    # text to image: a second pass at a larger size (A1111's hires fix); None: one pass
+    hires: HiresOptions | None = None
     # set by resolve(): the decoded images and the sha256 of the init image (file bytes, else pixels)
     image_sha256: str | None = field(default=None, repr=False)
     resolved: bool = field(default=False, repr=False)
@@ -166,6 +170,26 @@ class Request:
             if not isinstance(lat, np.ndarray) or lat.shape != want or lat.dtype != np.float32:
                 got = (lat.shape, lat.dtype) if isinstance(lat, np.ndarray) else type(lat)
                 raise BadInput(f"latents must be a float32 array of shape {want}, got {got}", "latents")
+        hires = self.hires
+        if hires is not None:
+            if not isinstance(hires, HiresOptions):
+                raise BadInput(f"hires must be a HiresOptions or None, got {type(hires).__name__}", "hires")
+            if self.image is not None:
+                raise BadInput("hires applies to text to image; for an image job raise strength or the size", "hires")
+            hires = hires.resolved("upscaler" in manifest.components)
+            big = hires_size(manifest, height, width, hires.scale)
+            lo, hi = size_range(manifest)
+            if not all(lo <= v <= hi for v in big):
+                raise BadInput(
+                    f"hires target {big[1]}x{big[0]} ({hires.scale:g} x {width}x{height}) is outside this bundle's "
+                    f"range [{lo}, {hi}]; lower hires.scale or re-export with a larger --image-range",
+                    "hires",
+                )
+            try:
+                first_step(scheduler, manifest.scheduler, hires.steps or steps, hires.strength,
+                           strength_in_schedule(manifest))  # fmt: skip
+            except BadInput as e:
+                raise BadInput(f"hires: {e}", "hires") from None
         sizes = {}
         for name in ("original_size", "target_size", "crops_coords_top_left"):
             value = getattr(self, name)
@@ -192,6 +216,7 @@ class Request:
             mask_image=mask,
             strength=strength,
             mask_blur=blur,
+            hires=hires,
             image_sha256=sha,
             **sizes,
             resolved=True,
@@ -216,6 +241,9 @@ class Request:
             out["job"] = "inpaint" if self.mask_image is not None else "img2img"
             if self.paste_back:
                 out["mask_blur"] = self.mask_blur
+        if self.hires is not None:
+            h = self.hires
+            out.update(hires_scale=h.scale, hires_upscaler=h.upscaler, hires_steps=h.steps, hires_strength=h.strength)
         return out
 
 
@@ -233,23 +261,36 @@ def strength_in_schedule(manifest: Manifest) -> bool:
     return not manifest.model.classifier_free_guidance
 
 
+def size_range(manifest: Manifest) -> tuple[int, int]:
+    """The image sides in pixels the bundle's UNet takes, (min, max)."""
+    lat = manifest.components["unet"].spec.dim_ranges["latent_height"]
+    return lat.min * manifest.model.vae_scale_factor, lat.max * manifest.model.vae_scale_factor
+
+
 def check_size(manifest: Manifest, height: int, width: int) -> None:
     """Image sides in pixels, the user's unit: multiples of the VAE factor and of the UNet's, inside the range."""
     f = manifest.model.vae_scale_factor
     unet = manifest.components["unet"].spec
     mult = f * dict(unet.multiples).get("latent_height", 1)
-    lat = unet.dim_ranges["latent_height"]
+    lo, hi = size_range(manifest)
     for side, v in (("height", height), ("width", width)):
         if v % f:
             raise BadInput(f"{side}={v} must be a multiple of {f}", side)
         if v % mult:
             raise BadInput(f"{side}={v} must be a multiple of {mult} for this checkpoint's UNet", side)
-        if not lat.min * f <= v <= lat.max * f:
+        if not lo <= v <= hi:
             raise BadInput(
-                f"{side}={v} is outside this bundle's range [{lat.min * f}, {lat.max * f}]; "
+                f"{side}={v} is outside this bundle's range [{lo}, {hi}]; "
                 "choose a size in range (--size) or re-export with --image-range",
                 side,
             )
+
+
+def hires_size(manifest: Manifest, height: int, width: int, scale: float) -> tuple[int, int]:
+    """(height, width) of the hires pass: A1111's int(side x scale), down to the UNet's size multiple."""
+    f = manifest.model.vae_scale_factor
+    mult = f * dict(manifest.components["unet"].spec.multiples).get("latent_height", 1)
+    return target_side(height, scale, mult), target_side(width, scale, mult)
 
 
 def batch_key(r: Request) -> tuple | None:

@@ -27,6 +27,7 @@ from PIL import PngImagePlugin
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from diffrt.engine.hires import UPSCALERS, HiresOptions
 from diffrt.engine.images import parameters_text
 from diffrt.engine.request import Request
 from diffrt.engine.samplers import resolve_sampler
@@ -54,6 +55,17 @@ class ServeSettings:
 BUNDLE_DEFAULT = "default: the bundle's"
 
 
+class HiresRequest(BaseModel):
+    """A1111's hires fix: a second pass at scale x the size. Fields left out take HiresOptions' defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    scale: float | None = Field(None, ge=1, le=4, allow_inf_nan=False, description="default 2")
+    upscaler: str | None = Field(None, description=f"{', '.join(UPSCALERS)} (default latent)")
+    steps: int | None = Field(None, ge=1, le=150, description="default: num_inference_steps")
+    strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="default 0.7")
+
+
 class ImageRequest(BaseModel):
     """POST /v1/images. Strict: "10" is not 10, unknown fields are errors (a typo must not be ignored). A field
     left out (or null) takes the generation default of diffrt's Request for this bundle."""
@@ -77,6 +89,7 @@ class ImageRequest(BaseModel):
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="default: the job's (diffusers')")
     paste_back: bool | None = Field(None, description="inpainting: paste the unmasked original back")
     mask_blur: int | None = Field(None, ge=0, le=64, description="pixels of blur on the paste-back mask")
+    hires: HiresRequest | None = Field(None, description="text to image: a second pass at a larger size")
 
     @field_validator("prompt")
     @classmethod
@@ -175,6 +188,8 @@ def to_request(req: ImageRequest) -> Request:
     for name in ("image", "mask_image"):
         if name in given:
             given[name] = _b64(given[name], name)
+    if "hires" in given:
+        given["hires"] = HiresOptions(**given["hires"])
     return Request(given.pop("prompt"), **given)
 
 

@@ -503,3 +503,31 @@ def test_served_lcm_bundle_runs_what_generate_runs(lcm_bundle, capsys, tmp_path)
     assert "Sampler: LCM" in served.info["parameters"]
     assert served.info["parameters"] == generated.text["parameters"]
     assert np.array_equal(np.asarray(served), np.asarray(generated))
+
+
+def test_hires_field_runs_the_second_pass_and_refuses_bad_options(pipe):
+    from diffrt.engine.hires import HiresOptions
+
+    app, _ = make_app(pipe)
+    body = {"prompt": "a fox", "width": 48, "height": 32, "seed": 5, **FAST}
+    bad = [
+        ({"scale": 4}, "range [32, 128]"),
+        ({"upscaler": "lanczos"}, "unknown"),
+        ({"strength": 0}, "strength"),
+        ({"scale": 2, "colour": 1}, "colour"),
+    ]
+
+    async def fn(c):
+        r = await c.post("/v1/images", json={**body, "hires": {"scale": 2, "strength": 0.5}},
+                         headers={"Accept": "image/png"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        for hires, needle in bad:
+            e = await c.post("/v1/images", json={**body, "hires": hires})
+            assert e.status_code == 422 and e.json()["field"].startswith("hires"), e.text
+            assert needle in e.json()["detail"], e.text
+        return decode_png(r.content)
+
+    got = run_with_client(app, fn)
+    assert got.size == (96, 64) and "Hires upscale: 2" in got.info["parameters"]
+    want = pipe("a fox", width=48, height=32, seed=5, hires=HiresOptions(strength=0.5), **FAST).images[0]
+    assert np.abs(np.asarray(got, np.int16) - np.asarray(want, np.int16)).max() <= 1
