@@ -120,6 +120,7 @@ def request_from_args(args: argparse.Namespace):
         "paste_back": args.paste_back or None,
         "mask_blur": args.mask_blur,
         "hires": hires_from_args(args),
+        "refiner_at": args.refiner_at,
         **{name: getattr(args, name) for name in SDXL_FLAGS},
     }
     return Request(args.prompt, **{k: v for k, v in fields.items() if v is not None})
@@ -145,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             except ImportError:
                 pass  # demo_bundle names the missing extra
         bundle = demo_bundle()
-    pipe = Pipeline.load(bundle, backend=args.backend, threads=args.threads)
+    pipe = Pipeline.load(bundle, backend=args.backend, threads=args.threads, refiner=args.refiner)
     given = [flag for name, flag in SDXL_FLAGS.items() if getattr(args, name) is not None]
     if pipe.manifest.model.family != "sdxl" and given:
         raise BadInput(
@@ -277,7 +278,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from diffrt import __version__
     from diffrt.demo import DEMO_DEFAULTS
-    from diffrt.engine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, Request, default_strength
+    from diffrt.engine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, REFINER_AT, Request, default_strength
 
     demo = DEMO_DEFAULTS
 
@@ -363,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"blur of the paste-back mask in pixels (default {Request.mask_blur})",
     )
     add_hires_flags(p)
+    refine = p.add_argument_group("SDXL base -> refiner")
+    refine.add_argument("--refiner", type=Path, metavar="BUNDLE", help="an SDXL bundle that finishes the schedule")
+    refine.add_argument(
+        "--refiner-at", type=float, metavar="F", help=f"share of the schedule the base runs (default {REFINER_AT})"
+    )
     sdxl = p.add_argument_group("SDXL conditioning (diffusers' names and defaults)")
     sdxl.add_argument("--prompt-2", help="prompt for the second text encoder (default: the prompt)")
     sdxl.add_argument("--negative-prompt-2", help="negative prompt for the second text encoder (default: --negative)")

@@ -85,6 +85,22 @@ def sdxl_bundle(sdxl_export):
 
 
 @pytest.fixture(scope="session")
+def sdxl_second_folder(tmp_path_factory):
+    """Another tiny SDXL checkpoint (other weights): the model a base hands over to as its refiner."""
+    from tests.builders.sdxl import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("ckpt") / "tiny-sdxl-second", seed=12)
+
+
+@pytest.fixture(scope="session")
+def sdxl_second_bundle(sdxl_second_folder, tmp_path_factory):
+    """Exported without the validation pass (the SDXL export tests validate this architecture)."""
+    out = tmp_path_factory.mktemp("bundle") / "sdxl-second"
+    _export(sdxl_second_folder, out, validate=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def lcm_folder(tmp_path_factory):
     """Tiny LCM diffusers folder: SD1-style UNet with a guidance-embedding input, LCMScheduler."""
     from tests.builders.sdxl import build_lcm

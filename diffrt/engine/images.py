@@ -72,6 +72,9 @@ def parameters_text(prompt: str, negative_prompt: str | None, p: dict, index: in
         fields.append(f"Denoising strength: {p['hires_strength']:g}")
     if p.get("mask_blur") is not None:
         fields.append(f"Mask blur: {p['mask_blur']}")
+    if p.get("refiner_at") is not None:  # A1111's words for its SDXL refiner
+        fields.append(f"Refiner: {(p.get('refiner_hash') or 'refiner')[:10]}")
+        fields.append(f"Refiner switch at: {p['refiner_at']:g}")
     if p.get("upscaled"):
         fields.append(f"Upscaler: {p['upscaled']}")
     fields.append("Version: diffrt")

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +27,18 @@ from diffrt.engine.backends import Backend, Session, make_backend
 from diffrt.engine.conditioning import Prompts, TextEncoder, guidance_embedding, text_conditioning, time_ids
 from diffrt.engine.hires import resize_latents
 from diffrt.engine.images import blurred, init_image_array, to_hwc, to_pil
-from diffrt.engine.request import Request, bundle_defaults, hires_size, strength_in_schedule
-from diffrt.engine.samplers import denoise, initial, keep_known
-from diffrt.engine.schedules import make_schedule
+from diffrt.engine.request import (
+    REFINER_AT,
+    Request,
+    bundle_defaults,
+    check_size,
+    hires_size,
+    strength_in_schedule,
+)
+from diffrt.engine.samplers import denoise, from_vp, initial, keep_known
+from diffrt.engine.schedules import handoff_step, make_schedule
 from diffrt.engine.tokenizer import ClipTokenizer
-from diffrt.errors import NonFiniteOutput
+from diffrt.errors import BadInput, NonFiniteOutput
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +76,30 @@ class Pipeline:
         self.unet_inputs = {t.name: t for t in manifest.components["unet"].spec.inputs}
         self._lock = threading.Lock()
         self._warned_no_upscaler = False
+        self.refiner: Pipeline | None = None  # SDXL: the model that finishes the schedule (load(refiner=))
 
     @classmethod
-    def load(cls, bundle: str | Path, backend: str = "auto", threads: int = 0) -> Pipeline:
-        """Open a bundle directory on a backend: "tensorrt", "ort-cuda", "ort-cpu" or "auto"."""
+    def load(
+        cls, bundle: str | Path, backend: str = "auto", threads: int = 0, refiner: str | Path | None = None
+    ) -> Pipeline:
+        """Open a bundle directory on a backend: "tensorrt", "ort-cuda", "ort-cpu" or "auto". `refiner`: an SDXL
+        bundle that takes over the last part of every schedule (Request.refiner_at) from this SDXL base."""
         bundle = Path(bundle)
         manifest = load_manifest(bundle)
-        return cls(bundle, manifest, make_backend(backend, manifest, threads, bundle))
+        pipe = cls(bundle, manifest, make_backend(backend, manifest, threads, bundle))
+        if refiner is not None:
+            pipe.refiner = cls.load(refiner, backend, threads)
+            base, ref = manifest.model, pipe.refiner.manifest.model
+            if base.family != "sdxl" or ref.family != "sdxl":
+                raise BadInput(
+                    f"a refiner takes over from an SDXL base with an SDXL model; here base {bundle.name} is "
+                    f"{base.family} and refiner {Path(refiner).name} is {ref.family}"
+                )
+            if (base.latent_channels, base.vae_scale_factor) != (ref.latent_channels, ref.vae_scale_factor):
+                raise BadInput(
+                    f"refiner {Path(refiner).name} has another latent space than the base; use a matching one"
+                )
+        return pipe
 
     @property
     def default_sampler(self) -> str:
@@ -95,15 +119,35 @@ class Pipeline:
     def check_request(self, request: Request) -> Request:
         """The request resolved against this bundle (defaults filled, images decoded), or BadInput. Services
         call it to refuse a request before queueing it; the resolved request runs without resolving again."""
-        return request.resolve(self.manifest)
+        r = request.resolve(self.manifest)
+        if self.refiner is None:
+            if r.refiner_at is not None:
+                raise BadInput(
+                    "refiner_at needs a refiner: Pipeline.load(..., refiner=BUNDLE) or --refiner", "refiner_at"
+                )
+            return r
+        if r.image is not None or r.hires is not None:
+            raise BadInput("a refiner runs text to image only (no image, mask or hires with it)", "refiner_at")
+        r = replace(r, refiner_at=REFINER_AT if r.refiner_at is None else r.refiner_at)
+        check_size(self.refiner.manifest, r.height, r.width)
+        config = self.manifest.scheduler
+        schedule = make_schedule(r.scheduler, config, r.num_inference_steps)  # the checks of handoff_step
+        try:
+            handoff_step(r.scheduler, schedule.timesteps, r.refiner_at, len(schedule.alphas_cumprod))
+        except BadInput as e:
+            raise BadInput(str(e), "refiner_at") from None
+        return r
 
     def generate(self, request: Request, callback: Callable[[int, int], None] | None = None) -> PipelineOutput:
-        r = request.resolve(self.manifest)
+        r = self.check_request(request)
         with self._lock:
             return self._generate(r, callback)
 
     def warm_up(self) -> None:
         """One small real generation of the bundle's usual job (sessions allocate, graphs are captured)."""
+        if self.refiner is not None:  # text to image through both models (enough steps for each to take some)
+            self("warm-up", num_inference_steps=10, output_type="np")
+            return
         gray = np.full((self.manifest.model.default_size,) * 2 + (3,), 0.5, np.float32)
         job = {"image": gray, "mask_image": np.ones(gray.shape[:2], np.float32), "strength": 1.0}
         self(
@@ -229,6 +273,26 @@ class Pipeline:
         self._check_latents(latents)
         return latents
 
+    def _refine(self, r: Request, latents: np.ndarray, draw, timings: dict[str, float], callback) -> np.ndarray:
+        """As refiner: carry the base's VP latents on from refiner_at to the end of the schedule with this model's
+        text encoders, time ids and scheduler config, drawing step noise from the base's generators (diffusers'
+        img2img with denoising_start, the latents handed over without decoding or added noise)."""
+        m, own = self.manifest.model, {}
+        cfg = r.guidance_scale > 1.0 and m.classifier_free_guidance
+        prompts = Prompts(list(r.prompts), list(r.prompt_2), r.negative_prompt, r.negative_prompt_2)
+        conditions = text_conditioning(self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, own)
+        if "time_ids" in self.unet_inputs:
+            conditions["time_ids"] = self._time_ids(r, (r.height, r.width), cfg)
+        schedule = make_schedule(r.scheduler, self.manifest.scheduler, r.num_inference_steps, start=r.refiner_at)
+        unet_times: list[float] = []
+        eps_fn = self._eps_fn(conditions, cfg, r.num_images, r.guidance_scale, None, unet_times)
+        t0 = time.perf_counter()
+        latents = denoise(schedule, eps_fn, from_vp(schedule, latents), draw, callback)
+        own.update(denoise=time.perf_counter() - t0, unet=sum(unet_times))
+        timings.update({f"refiner_{k}": v for k, v in own.items()})
+        self._check_latents(latents)
+        return latents
+
     def _generate(self, r: Request, callback: Callable[[int, int], None] | None) -> PipelineOutput:
         start = time.perf_counter()
         m = self.manifest.model
@@ -278,16 +342,26 @@ class Pipeline:
         unet_times: list[float] = []
         eps_fn = self._eps_fn(conditions, cfg, n, r.guidance_scale, extra, unet_times)
         second = self._second_pass(r) if r.hires is not None else None
-        calls = (schedule.model_calls, second[0].model_calls if second else 0)
+        end = None
+        if self.refiner is not None:  # the base runs the steps before refiner_at, the refiner the rest
+            end = handoff_step(r.scheduler, schedule.timesteps, r.refiner_at, len(schedule.alphas_cumprod))
+        calls = (end or schedule.model_calls, schedule.model_calls - end if end else 0)
+        if second is not None:
+            calls = (calls[0], second[0].model_calls)
         t0 = time.perf_counter()
-        latents = denoise(schedule, eps_fn, x, draw, _offset(callback, 0, sum(calls)), after)
+        latents = denoise(schedule, eps_fn, x, draw, _offset(callback, 0, sum(calls)), after, end)
         timings["denoise"] = time.perf_counter() - t0  # the whole loop: UNet calls + sampler/CFG host work
         timings["unet"] = sum(unet_times)
         self._check_latents(latents)
         upscaled = None
+        later = _offset(callback, calls[0], sum(calls))
         if second is not None:
-            latents = self._hires(r, latents, second, conditions, cfg, timings, _offset(callback, calls[0], sum(calls)))
-        images = self._decode(latents, timings)
+            latents = self._hires(r, latents, second, conditions, cfg, timings, later)
+        decoder = self
+        if self.refiner is not None:
+            latents = self.refiner._refine(r, latents, draw, timings, later)
+            decoder = self.refiner  # diffusers' refiner pipeline decodes with its own VAE
+        images = decoder._decode(latents, timings)
         if r.paste_back:  # A1111's overlay: the original outside the (blurred) mask
             alpha = blurred(r.mask_image, r.mask_blur)
             images = (r.image / 2 + 0.5) * (1.0 - alpha) + images * alpha
@@ -304,5 +378,6 @@ class Pipeline:
             "upscaled": upscaled,
             **({"prompt_2": r.prompt_2[0]} if len(self.text_encoders) > 1 else {}),
             "model_hash": self.manifest.source.get("sha256", ""),
+            **({"refiner_hash": self.refiner.manifest.source.get("sha256", "")} if self.refiner else {}),
         }
         return PipelineOutput(out, timings, unet_times, parameters)

@@ -26,6 +26,7 @@ from diffrt.errors import BadInput
 Size = tuple[int, int]  # (height, width) or (top, left), in pixels
 DEFAULT_STEPS = 30  # a bundle's manifest `defaults` may set its own (the demo does)
 DEFAULT_GUIDANCE = 7.5
+REFINER_AT = 0.8  # where the SDXL refiner takes over when one is loaded (diffusers' docs' denoising_end)
 
 
 def default_strength(family: str, inpainting: bool) -> float:
@@ -67,6 +68,8 @@ class Request:
     mask_blur: int = 4  # pixels of Gaussian blur on the paste-back mask
     # text to image: a second pass at a larger size (A1111's hires fix); None: one pass
     hires: HiresOptions | None = None
+    # SDXL base -> refiner (a Pipeline loaded with refiner=): the share of the schedule the base runs
+    refiner_at: float | None = None  # None: REFINER_AT when a refiner is loaded
     # set by resolve(): the decoded images and the sha256 of the init image (file bytes, else pixels)
     image_sha256: str | None = field(default=None, repr=False)
     resolved: bool = field(default=False, repr=False)
@@ -190,6 +193,9 @@ class Request:
                            strength_in_schedule(manifest))  # fmt: skip
             except BadInput as e:
                 raise BadInput(f"hires: {e}", "hires") from None
+        at = self.refiner_at
+        if at is not None and (isinstance(at, bool) or not isinstance(at, int | float) or not 0 < at < 1):
+            raise BadInput(f"refiner_at must be a number in (0, 1), got {at!r}", "refiner_at")
         sizes = {}
         for name in ("original_size", "target_size", "crops_coords_top_left"):
             value = getattr(self, name)
@@ -241,6 +247,8 @@ class Request:
             out["job"] = "inpaint" if self.mask_image is not None else "img2img"
             if self.paste_back:
                 out["mask_blur"] = self.mask_blur
+        if self.refiner_at is not None:
+            out["refiner_at"] = self.refiner_at
         if self.hires is not None:
             h = self.hires
             out.update(hires_scale=h.scale, hires_upscaler=h.upscaler, hires_steps=h.steps, hires_strength=h.strength)

@@ -429,6 +429,29 @@ def initial(schedule: Schedule, eps: np.ndarray, z: np.ndarray | None = None) ->
     return x
 
 
+class _Stop(Exception):
+    """Raised from `after` to leave a sampler's loop at a level (the SDXL base -> refiner handoff)."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = x
+
+
+def to_vp(schedule: Schedule, x: np.ndarray, j: int) -> np.ndarray:
+    """The working-space sample at level j of the loop as VP latents (what diffusers hands between pipelines)."""
+    if schedule.sampler in _ALPHA_FORM:
+        return x
+    sigma = float(schedule.run_sigmas[j])
+    return x * (1.0 / math.sqrt(sigma * sigma + 1.0))
+
+
+def from_vp(schedule: Schedule, x: np.ndarray) -> np.ndarray:
+    """VP latents at the loop's first level in its working space (the inverse of to_vp at j = 0)."""
+    if schedule.sampler in _ALPHA_FORM:
+        return np.asarray(x, dtype=np.float32)
+    sigma = float(schedule.run_sigmas[0])
+    return np.asarray(x * math.sqrt(sigma * sigma + 1.0), dtype=np.float32)
+
+
 def denoise(
     schedule: Schedule,
     eps_fn: EpsFn,
@@ -436,13 +459,28 @@ def denoise(
     noise: NoiseFn | None = None,
     callback: Callable[[int, int], None] | None = None,
     after: AfterFn | None = None,
+    end: int | None = None,
 ) -> np.ndarray:
     """Run a schedule's loop from `initial(...)`; returns VP latents, as diffusers hands them to the VAE.
 
     `noise` feeds the stochastic samplers; `callback(i, total)` runs after each network call; `after` see the
-    module docstring."""
+    module docstring. `end`: stop once the sample reaches level `end` of the loop (diffusers' denoising_end) and
+    return its VP latents there, still noisy, for another pipeline to carry on (`from_vp`)."""
     model = Denoiser(eps_fn, schedule, callback)
-    x = _RUN[schedule.sampler](model, x, schedule, noise or _no_noise(schedule.sampler), after or _same)
+    step = after or _same
+    if end is not None:
+        inner = step
+
+        def step(x: np.ndarray, j: int) -> np.ndarray:
+            x = inner(x, j)
+            if j == end:
+                raise _Stop(x)
+            return x
+
+    try:
+        x = _RUN[schedule.sampler](model, x, schedule, noise or _no_noise(schedule.sampler), step)
+    except _Stop as stop:
+        return to_vp(schedule, stop.x, end)
     if _ve_inside(schedule):
         last = float(schedule.sigmas[-1])
         x = x * (1.0 / math.sqrt(last * last + 1.0))

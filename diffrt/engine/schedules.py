@@ -184,6 +184,28 @@ def scheduler_settings(sampler: str, config: Mapping[str, Any]) -> dict[str, Any
     return cfg
 
 
+HANDOFF_SAMPLERS = ("ddim", "euler", "euler_a", "lms", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "unipc")
+
+
+def handoff_step(sampler: str, timesteps: np.ndarray, fraction: float, num_train_timesteps: int) -> int:
+    """How many steps of a schedule lie before the point `fraction` of the way through it, by diffusers'
+    rule for denoising_end / denoising_start: the timesteps >= round(T - fraction * T). The base runs these
+    steps, the refiner the rest. One model call per step only (no Heun, PNDM's warm-up or LCM)."""
+    if sampler not in HANDOFF_SAMPLERS:
+        raise BadInput(
+            f"sampler {sampler} cannot hand over between two models mid-schedule; use one of "
+            f"{', '.join(HANDOFF_SAMPLERS)}"
+        )
+    cutoff = int(round(num_train_timesteps - fraction * num_train_timesteps))
+    k = int((np.asarray(timesteps) >= cutoff).sum())
+    if not 0 < k < len(timesteps):
+        raise BadInput(
+            f"switching models at {fraction:g} of {len(timesteps)} steps leaves one of them no step; "
+            "change refiner_at or num_inference_steps"
+        )
+    return k
+
+
 def first_step(
     sampler: str, config: Mapping[str, Any], steps: int, strength: float | None, in_schedule: bool = False
 ) -> int:
@@ -222,9 +244,11 @@ def make_schedule(
     num_inference_steps: int,
     strength: float | None = None,
     strength_in_schedule: bool = False,
+    start: float | None = None,
 ) -> Schedule:
     """The schedule diffusers' `set_timesteps(num_inference_steps)` builds for this sampler and config; with
-    `strength` (image to image), starting where diffusers' img2img pipelines start (`first_step`)."""
+    `strength` (image to image), starting where diffusers' img2img pipelines start (`first_step`); with `start`
+    (diffusers' denoising_start, the SDXL refiner's share), at the first step below that point."""
     cfg = scheduler_settings(sampler, config)
     n, T = int(num_inference_steps), int(cfg["num_train_timesteps"])
     if not 1 <= n <= T:
@@ -241,6 +265,8 @@ def make_schedule(
     clip = float(cfg["clip_sample_range"]) if cfg.get("clip_sample") else None
     extra = {"strength": strength} if strength is not None and strength_in_schedule and sampler == "lcm" else {}
     sigmas, timesteps, init, vp, calls, options = _BUILDERS[cls](cfg, n, train_sigmas, ac, final_alpha, **extra)
+    if start is not None:
+        begin = handoff_step(sampler, timesteps, start, T)
     for a in (sigmas, timesteps, ac):
         a.flags.writeable = False
     if begin:

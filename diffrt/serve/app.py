@@ -50,6 +50,7 @@ class ServeSettings:
     max_queue: int = 64  # requests waiting for the engine (not counting the batch running); more -> 429
     timeout_s: float = 300.0  # queue wait + generation; longer -> 504
     max_body_bytes: int = 16 * 2**20  # room for an init image and a mask as base64
+    refiner: str | None = None  # SDXL refiner bundle (Pipeline.load(refiner=))
 
 
 BUNDLE_DEFAULT = "default: the bundle's"
@@ -90,6 +91,7 @@ class ImageRequest(BaseModel):
     paste_back: bool | None = Field(None, description="inpainting: paste the unmasked original back")
     mask_blur: int | None = Field(None, ge=0, le=64, description="pixels of blur on the paste-back mask")
     hires: HiresRequest | None = Field(None, description="text to image: a second pass at a larger size")
+    refiner_at: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False, description="with --refiner (0.8)")
 
     @field_validator("prompt")
     @classmethod
@@ -318,7 +320,9 @@ def create_app(settings: ServeSettings, loader: Callable[[], Any] | None = None)
             return loader()
         from diffrt.engine.pipeline import Pipeline
 
-        return Pipeline.load(settings.bundle, backend=settings.backend, threads=settings.threads)
+        return Pipeline.load(
+            settings.bundle, backend=settings.backend, threads=settings.threads, refiner=settings.refiner
+        )
 
     async def start_engine() -> None:
         try:

@@ -110,7 +110,9 @@ class DiffrtReplica:
         t0 = time.perf_counter()
         # Loading and warm-up run on the engine thread, like every generation after them.
         pipe = await self.batcher.run_in_engine(
-            lambda: Pipeline.load(settings.bundle, backend=settings.backend, threads=settings.threads)
+            lambda: Pipeline.load(
+                settings.bundle, backend=settings.backend, threads=settings.threads, refiner=settings.refiner
+            )
         )
         self.batcher.set_pipeline(pipe)  # caps max_batch at the bundle's images per call
         await self.batcher.run_in_engine(pipe.warm_up)
