@@ -26,11 +26,11 @@ SUPPORTED_PIPELINES = {
     "LatentConsistencyModelPipeline",
     "StableDiffusionInpaintPipeline",  # inpainting checkpoints: a UNet of latents + mask + masked latents
     "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLImg2ImgPipeline",  # with both text encoders: an SDXL base saved by the img2img class
 }
-XL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline"}
+XL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionXLImg2ImgPipeline"}
 SUPPORTED = "SD 1.x, 2.x, XL, Turbo and LCM (text to image, image to image) and SD / SDXL inpainting"
 NOT_YET = {
-    "StableDiffusionXLImg2ImgPipeline": "SDXL refiner / image-to-image",
     "StableDiffusion3Pipeline": "SD3",
     "FluxPipeline": "Flux",
     "StableDiffusionUpscalePipeline": "x4 upscaling",
@@ -135,6 +135,11 @@ def load_diffusers_folder(folder: Path) -> Checkpoint:
         )
     if pipeline not in SUPPORTED_PIPELINES:
         raise UnsupportedModel(f"{folder}: pipeline class {pipeline!r} is not supported; diffrt exports {SUPPORTED}")
+    if pipeline == "StableDiffusionXLImg2ImgPipeline" and not (index.get("text_encoder") or [None])[-1]:
+        raise UnsupportedModel(
+            f"{folder} is an SDXL refiner checkpoint (one text encoder), not supported yet; any SDXL base bundle "
+            "can be the refiner (diffrt generate --refiner BUNDLE)"
+        )
     xl = pipeline in XL_PIPELINES
     parts = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
     parts += ("text_encoder_2", "tokenizer_2") if xl else ()

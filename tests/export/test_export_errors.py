@@ -56,10 +56,22 @@ def test_malformed_model_index(capsys, broken_copy, tmp_path):
 
 def test_sdxl_refiner_is_refused_by_name(capsys, broken_copy, tmp_path):
     index = json.loads((broken_copy / "model_index.json").read_text())
-    refiner = {**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}
+    refiner = {**index, "_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None]}
     (broken_copy / "model_index.json").write_text(json.dumps(refiner))
     out = tmp_path / "b"
-    assert_clean_failure(*run_export(capsys, broken_copy, "-o", out), out, "SDXL refiner", "not supported")
+    assert_clean_failure(*run_export(capsys, broken_copy, "-o", out), out, "SDXL refiner", "not supported", "--refiner")
+
+
+def test_sdxl_base_saved_by_the_img2img_class_loads_as_sdxl(sdxl_folder, tmp_path):
+    """StableDiffusionXLImg2ImgPipeline with both text encoders is an SDXL base saved through the img2img class."""
+    from diffrt.export.checkpoint import load_diffusers_folder
+
+    folder = tmp_path / "xl"
+    shutil.copytree(sdxl_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    ckpt = load_diffusers_folder(folder)
+    assert ckpt.text_encoder is not None and ckpt.text_encoder_2 is not None
 
 
 def test_sdxl_folder_without_its_second_text_encoder(capsys, broken_copy, tmp_path):
