@@ -16,7 +16,12 @@ import numpy as np
 from diffrt.errors import BadInput
 
 # short name -> A1111's name (what PNG metadata says); "esrgan" is the bundle's upscaler, named by its architecture
-UPSCALERS = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "esrgan": "ESRGAN"}
+UPSCALERS = {
+    "latent": "Latent",
+    "latent-bicubic": "Latent (bicubic)",
+    "latent-nearest": "Latent (nearest)",
+    "esrgan": "ESRGAN",
+}
 _ALIASES = {name.lower(): short for short, name in UPSCALERS.items()}
 
 
@@ -65,9 +70,35 @@ def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return i0, i1, (src - i0).astype(np.float32)
 
 
+def _cubic(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bicubic source indices (n_out, 4) and weights of torch's interpolate(align_corners=False): Keys' kernel
+    with a = -0.75, neighbours clamped at the border."""
+    a = -0.75
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5  # not clamped at 0 for the cubic kernel
+    base = np.floor(src)
+    t = src - base
+    idx = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, n_in - 1)
+
+    def near(d):  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+    return idx, weights.astype(np.float32)
+
+
 def resize_latents(x: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
-    """(B, C, h, w) -> (B, C, height, width): "latent" bilinear, "latent-nearest" nearest, as torch computes them."""
+    """(B, C, h, w) -> (B, C, height, width): "latent" bilinear, "latent-bicubic" bicubic, "latent-nearest"
+    nearest, as torch's interpolate computes them (align_corners=False, no antialiasing)."""
     h, w = x.shape[2:]
+    if mode == "latent-bicubic":
+        ri, rw = _cubic(h, height)
+        ci, cw = _cubic(w, width)
+        rows = sum(x[:, :, ri[:, k]] * rw[:, k, None] for k in range(4))  # (B, C, height, w)
+        out = sum(rows[:, :, :, ci[:, k]] * cw[None, :, k] for k in range(4))
+        return np.ascontiguousarray(out, dtype=np.float32)
     if mode == "latent-nearest":
         rows = np.floor(np.arange(height) * (h / height)).astype(np.int64)
         cols = np.floor(np.arange(width) * (w / width)).astype(np.int64)

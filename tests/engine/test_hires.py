@@ -66,10 +66,11 @@ def theirs(reference, monkeypatch, sampler, mode, strength, seed=4, steps=None):
     inject(monkeypatch, seed)
     latents = txt(**COMMON, **FIRST, output_type="latent").images
     size = (2 * FIRST["height"] // 8, 2 * FIRST["width"] // 8)
-    if mode == "latent":
-        up = torch.nn.functional.interpolate(latents, size=size, mode="bilinear", align_corners=False, antialias=False)
-    else:
+    if mode == "latent-nearest":
         up = torch.nn.functional.interpolate(latents, size=size, mode="nearest")
+    else:
+        kind = "bicubic" if mode == "latent-bicubic" else "bilinear"
+        up = torch.nn.functional.interpolate(latents, size=size, mode=kind, align_corners=False, antialias=False)
     inject(monkeypatch, seed)
     second = {**COMMON, "num_inference_steps": steps or COMMON["num_inference_steps"]}
     return np.asarray(img(**second, image=up, strength=strength, output_type="np").images)
@@ -81,7 +82,7 @@ def mine(pipe, sampler, mode, strength, seed=4, steps=None):
     return np.stack(out.images)
 
 
-@pytest.mark.parametrize("mode", ["latent", "latent-nearest"])
+@pytest.mark.parametrize("mode", ["latent", "latent-bicubic", "latent-nearest"])
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "ddim"])
 def test_latent_hires_matches_the_diffusers_composition(reference, pipe, monkeypatch, sampler, mode):
     want = theirs(reference, monkeypatch, sampler, mode, 0.7)
@@ -108,8 +109,10 @@ def test_resize_latents_is_torch_interpolate():
     t = torch.from_numpy(x)
     for size in ((10, 14), (11, 9), (5, 7), (3, 4)):
         bilinear = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False).numpy()
+        bicubic = torch.nn.functional.interpolate(t, size=size, mode="bicubic", align_corners=False).numpy()
         nearest = torch.nn.functional.interpolate(t, size=size, mode="nearest").numpy()
         np.testing.assert_allclose(resize_latents(x, *size, "latent"), bilinear, atol=1e-6)
+        np.testing.assert_allclose(resize_latents(x, *size, "latent-bicubic"), bicubic, atol=1e-5)
         np.testing.assert_array_equal(resize_latents(x, *size, "latent-nearest"), nearest)
 
 
