@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from diffrt.engine.hires import UPSCALERS, HiresOptions
 from diffrt.engine.images import parameters_text
-from diffrt.engine.request import Request
+from diffrt.engine.request import REFINER_AT, Request
 from diffrt.engine.samplers import resolve_sampler
 from diffrt.errors import BadInput
 from diffrt.serve.batcher import Batcher, JobResult, QueueFull
@@ -61,10 +61,12 @@ class HiresRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    scale: float | None = Field(None, ge=1, le=4, allow_inf_nan=False, description="default 2")
-    upscaler: str | None = Field(None, description=f"{', '.join(UPSCALERS)} (default latent)")
+    scale: float | None = Field(None, ge=1, le=4, allow_inf_nan=False, description=f"default {HiresOptions.scale:g}")
+    upscaler: str | None = Field(None, description=f"{', '.join(UPSCALERS)} (default {HiresOptions.upscaler})")
     steps: int | None = Field(None, ge=1, le=150, description="default: num_inference_steps")
-    strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="default 0.7")
+    strength: float | None = Field(
+        None, gt=0, le=1, allow_inf_nan=False, description=f"default {HiresOptions.strength:g}"
+    )
 
 
 class ImageRequest(BaseModel):
@@ -91,7 +93,9 @@ class ImageRequest(BaseModel):
     paste_back: bool | None = Field(None, description="inpainting: paste the unmasked original back")
     mask_blur: int | None = Field(None, ge=0, le=64, description="pixels of blur on the paste-back mask")
     hires: HiresRequest | None = Field(None, description="text to image: a second pass at a larger size")
-    refiner_at: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False, description="with --refiner (0.8)")
+    refiner_at: float | None = Field(
+        None, gt=0, lt=1, allow_inf_nan=False, description=f"with --refiner ({REFINER_AT:g})"
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -6,8 +6,6 @@ ESRGAN upscaler against the same composition written with diffrt's own public ca
 service fields, PNG metadata and the refusals.
 """
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -17,6 +15,7 @@ from diffrt import Pipeline
 from diffrt.cli import main
 from diffrt.engine.hires import HiresOptions, resize_latents
 from diffrt.errors import BadInput
+from tests.engine.draws import inject_stream
 from tests.engine.test_pipeline import DIFFUSERS, NEGATIVE, PROMPT
 
 TOL = 1 / 255
@@ -30,13 +29,7 @@ DRAWS = [  # where diffusers' text-to-image, image-to-image and schedulers draw 
 
 
 def inject(monkeypatch, seed: int) -> None:
-    stream = np.random.default_rng(seed)
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(stream.standard_normal(tuple(shape), dtype=np.float32))
-
-    for name in DRAWS:
-        monkeypatch.setattr(importlib.import_module(name), "randn_tensor", randn_tensor)
+    inject_stream(monkeypatch, seed, DRAWS)
 
 
 @pytest.fixture(scope="module")

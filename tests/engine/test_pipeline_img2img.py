@@ -15,6 +15,7 @@ from PIL import Image
 
 from diffrt import Pipeline
 from diffrt.errors import BadInput
+from tests.engine.draws import inject_stream
 from tests.engine.test_pipeline import DIFFUSERS, NEGATIVE, PROMPT
 
 TOL = 1 / 255
@@ -53,15 +54,7 @@ def mask(size=(64, 64)) -> Image.Image:
 
 
 def inject(monkeypatch, seed: int) -> None:
-    import importlib
-
-    stream = np.random.default_rng(seed)
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(stream.standard_normal(tuple(shape), dtype=np.float32))
-
-    for name in PATCHED:
-        monkeypatch.setattr(importlib.import_module(name), "randn_tensor", randn_tensor)
+    inject_stream(monkeypatch, seed, PATCHED)
 
 
 def reference(cls_name: str, folder, **kw):

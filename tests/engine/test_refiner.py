@@ -2,16 +2,14 @@
 latents (diffusers' denoising_end / denoising_start handoff), against diffusers' own two-pipeline recipe from
 the same NumPy draws; then the CLI, metadata and the refusals."""
 
-import importlib
-
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from diffrt import Pipeline
 from diffrt.cli import main
 from diffrt.errors import BadInput
+from tests.engine.draws import inject_stream
 from tests.engine.test_pipeline import DIFFUSERS
 
 TOL = 1 / 255
@@ -25,14 +23,7 @@ DRAWS = [
 
 
 def inject(monkeypatch, seed: int) -> None:
-    """One stream for both pipelines, as one torch generator passed to both calls would be."""
-    stream = np.random.default_rng(seed)
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(stream.standard_normal(tuple(shape), dtype=np.float32))
-
-    for name in DRAWS:
-        monkeypatch.setattr(importlib.import_module(name), "randn_tensor", randn_tensor)
+    inject_stream(monkeypatch, seed, DRAWS)
 
 
 @pytest.fixture(scope="module")
