@@ -111,7 +111,7 @@ class UpscalerInfo:
 @dataclass(frozen=True)
 class Manifest:
     model: ModelInfo
-    tokenizer: TokenizerInfo
+    tokenizer: TokenizerInfo | None  # the first text encoder's; None where there is none (the SDXL refiner)
     scheduler: dict  # the checkpoint's scheduler config, as diffusers saved it
     components: dict[str, ComponentEntry]
     upscaler: UpscalerInfo | None = None
@@ -142,7 +142,7 @@ class Manifest:
     def from_dict(cls, d: dict) -> Manifest:
         return cls(
             model=ModelInfo(**d["model"]),
-            tokenizer=TokenizerInfo(**d["tokenizer"]),
+            tokenizer=TokenizerInfo(**d["tokenizer"]) if d.get("tokenizer") else None,
             scheduler=d["scheduler"],
             components={
                 k: ComponentEntry(ComponentSpec.from_dict(v["spec"]), dict(v["files"]))
@@ -198,7 +198,9 @@ def load_manifest(bundle: Path | str) -> Manifest:
         for precision, rel in entry.files.items():
             if not (bundle / rel).is_file():
                 raise BadInput(f"{bundle}: {name} {precision} graph {rel} is missing; re-export the bundle")
-    for rel, needed in ((TOKENIZER, True), (TOKENIZER_2, manifest.tokenizer_2 is not None)):
+    if manifest.tokenizer is None and manifest.tokenizer_2 is None:
+        raise BadInput(f"{path} names no tokenizer; re-export the bundle")
+    for rel, needed in ((TOKENIZER, manifest.tokenizer is not None), (TOKENIZER_2, manifest.tokenizer_2 is not None)):
         if needed and not (bundle / rel).is_file():
             raise BadInput(f"{bundle}: {rel} is missing; re-export the bundle")
     return manifest

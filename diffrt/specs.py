@@ -146,7 +146,7 @@ class SDShapes:
 
     vocab_size: int
     max_length: int  # text tokens, 77 for CLIP
-    text_hidden: int  # (first) text encoder width; the UNet's cross-attention width is the sum over encoders
+    text_hidden: int  # first text encoder width (0: none, the SDXL refiner); cross-attention is the sum over encoders
     latent_channels: int  # the VAE's
     unet_out_channels: int
     vae_scale_factor: int  # pixels per latent pixel, 8 for SD
@@ -198,7 +198,9 @@ def sd_specs(s: SDShapes) -> dict[str, ComponentSpec]:
         )
         if width
     )
-    specs = {"text_encoder": _text_encoder_spec("text_encoder", s.vocab_size, s, s.text_hidden, 0)}
+    specs = {}
+    if s.text_hidden:  # absent in the SDXL refiner, which the second encoder alone conditions
+        specs["text_encoder"] = _text_encoder_spec("text_encoder", s.vocab_size, s, s.text_hidden, 0)
     if s.text_hidden_2:
         specs["text_encoder_2"] = _text_encoder_spec("text_encoder_2", s.vocab_size_2, s, s.text_hidden_2, s.pooled_dim)
     unet_in = s.unet_in_channels or s.latent_channels

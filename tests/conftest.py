@@ -85,19 +85,22 @@ def sdxl_bundle(sdxl_export):
 
 
 @pytest.fixture(scope="session")
-def sdxl_second_folder(tmp_path_factory):
-    """Another tiny SDXL checkpoint (other weights): the model a base hands over to as its refiner."""
-    from tests.builders.sdxl import build_sdxl
+def sdxl_refiner_folder(tmp_path_factory):
+    """Tiny SDXL refiner (Stability's layout: the second text encoder alone, aesthetic-score time ids)."""
+    from tests.builders.sdxl import build_sdxl_refiner
 
-    return build_sdxl(tmp_path_factory.mktemp("ckpt") / "tiny-sdxl-second", seed=12)
+    return build_sdxl_refiner(tmp_path_factory.mktemp("ckpt") / "tiny-sdxl-refiner", seed=12)
 
 
 @pytest.fixture(scope="session")
-def sdxl_second_bundle(sdxl_second_folder, tmp_path_factory):
-    """Exported without the validation pass (the SDXL export tests validate this architecture)."""
-    out = tmp_path_factory.mktemp("bundle") / "sdxl-second"
-    _export(sdxl_second_folder, out, validate=False)
-    return out
+def sdxl_refiner_export(sdxl_refiner_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "sdxl-refiner"
+    return out, _export(sdxl_refiner_folder, out)
+
+
+@pytest.fixture(scope="session")
+def sdxl_refiner_bundle(sdxl_refiner_export):
+    return sdxl_refiner_export[0]
 
 
 @pytest.fixture(scope="session")

@@ -64,15 +64,20 @@ class Pipeline:
 
     def __init__(self, bundle: Path, manifest: Manifest, backend: Backend):
         self.bundle, self.manifest, self.backend = bundle, manifest, backend
-        self.tokenizer = ClipTokenizer(bundle / TOKENIZER, manifest.tokenizer)
         self.sessions: dict[str, Session] = {}
         for name, entry in manifest.components.items():
             path = bundle / entry.files.get(backend.precision, entry.files["fp32"])
             self.sessions[name] = backend.load(entry.spec, path)
-        self.text_encoders = [TextEncoder(self.tokenizer, self.sessions["text_encoder"])]
-        if manifest.tokenizer_2 is not None:  # SDXL
-            tokenizer_2 = ClipTokenizer(bundle / TOKENIZER_2, manifest.tokenizer_2)
-            self.text_encoders.append(TextEncoder(tokenizer_2, self.sessions["text_encoder_2"]))
+        # in order: the first encoder takes `prompt`, the next `prompt_2` (SDXL); the SDXL refiner has only
+        # the second encoder, which then takes `prompt`, as diffusers' refiner pipeline pairs them
+        self.text_encoders = [
+            TextEncoder(ClipTokenizer(bundle / rel, info), self.sessions[name])
+            for name, rel, info in (
+                ("text_encoder", TOKENIZER, manifest.tokenizer),
+                ("text_encoder_2", TOKENIZER_2, manifest.tokenizer_2),
+            )
+            if info is not None
+        ]
         self.unet_inputs = {t.name: t for t in manifest.components["unet"].spec.inputs}
         self._lock = threading.Lock()
         self._warned_no_upscaler = False

@@ -51,9 +51,10 @@ def stage(name: str) -> Iterator[None]:
 
 
 def sd_shapes(ckpt: Checkpoint, max_length: int, image_range: tuple[int, int, int] | None) -> SDShapes:
-    te, unet, vae = ckpt.text_encoder.config, ckpt.unet.config, ckpt.vae.config
+    unet, vae = ckpt.unet.config, ckpt.vae.config
+    te = ckpt.text_encoder.config if ckpt.text_encoder is not None else None  # None: the SDXL refiner
     te2 = ckpt.text_encoder_2.config if ckpt.text_encoder_2 is not None else None
-    width = te.hidden_size + (te2.hidden_size if te2 else 0)
+    width = (te.hidden_size if te else 0) + (te2.hidden_size if te2 else 0)
     if width != unet.cross_attention_dim:
         raise BadInput(
             f"text encoder width {width} does not match the UNet's cross-attention width "
@@ -76,9 +77,9 @@ def sd_shapes(ckpt: Checkpoint, max_length: int, image_range: tuple[int, int, in
     if not (lo <= opt <= hi) or any(v % step for v in (lo, opt, hi)):
         raise BadInput(f"image size range {lo}..{opt}..{hi} must be ordered multiples of {step} for this checkpoint")
     return SDShapes(
-        vocab_size=te.vocab_size,
+        vocab_size=te.vocab_size if te else 0,
         max_length=max_length,
-        text_hidden=te.hidden_size,
+        text_hidden=te.hidden_size if te else 0,
         latent_channels=vae.latent_channels,
         unet_out_channels=unet.out_channels,
         vae_scale_factor=vae_scale,
@@ -181,17 +182,19 @@ def _publish_permissions(folder: Path) -> None:
 
 def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> ExportResult:
     with stage("tokenizer"):
-        tokenizer = export_tokenizer(ckpt.tokenizer_dir, (tmp / TOKENIZER).parent)
-        tokenizer_2 = None
+        tokenizer = tokenizer_2 = None
+        if ckpt.tokenizer_dir is not None:
+            tokenizer = export_tokenizer(ckpt.tokenizer_dir, (tmp / TOKENIZER).parent)
         if ckpt.tokenizer_2_dir is not None:
             tokenizer_2 = export_tokenizer(ckpt.tokenizer_2_dir, (tmp / TOKENIZER_2).parent)
-    shapes = sd_shapes(ckpt, tokenizer.max_length, opts.image_range)
+    shapes = sd_shapes(ckpt, (tokenizer or tokenizer_2).max_length, opts.image_range)
     specs = sd_specs(shapes)
     upcast = bool(getattr(ckpt.unet.config, "upcast_attention", False))
     xl = ckpt.text_encoder_2 is not None
     unet_extra = tuple(t.name for t in specs["unet"].inputs[3:])
-    # (module, FP32 attention, FP16 graph)
-    modules = {"text_encoder": (TextEncoder(ckpt.text_encoder, hidden_layer=-2 if xl else -1), False, True)}
+    modules = {}  # name -> (module, FP32 attention, FP16 graph)
+    if ckpt.text_encoder is not None:  # all but the SDXL refiner
+        modules["text_encoder"] = (TextEncoder(ckpt.text_encoder, hidden_layer=-2 if xl else -1), False, True)
     if xl:  # SDXL conditions on both encoders' penultimate layer, and on the second one's pooled projection
         modules["text_encoder_2"] = (TextEncoder(ckpt.text_encoder_2, hidden_layer=-2, pooled=True), False, True)
     modules["unet"] = (UNet(ckpt.unet, unet_extra), upcast, True)

@@ -26,10 +26,10 @@ SUPPORTED_PIPELINES = {
     "LatentConsistencyModelPipeline",
     "StableDiffusionInpaintPipeline",  # inpainting checkpoints: a UNet of latents + mask + masked latents
     "StableDiffusionXLInpaintPipeline",
-    "StableDiffusionXLImg2ImgPipeline",  # with both text encoders: an SDXL base saved by the img2img class
+    "StableDiffusionXLImg2ImgPipeline",  # an SDXL base saved by the img2img class, or the one-encoder refiner
 }
 XL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionXLImg2ImgPipeline"}
-SUPPORTED = "SD 1.x, 2.x, XL, Turbo and LCM (text to image, image to image) and SD / SDXL inpainting"
+SUPPORTED = "SD 1.x, 2.x, XL (and its refiner), Turbo and LCM, and SD / SDXL inpainting"
 NOT_YET = {
     "StableDiffusion3Pipeline": "SD3",
     "FluxPipeline": "Flux",
@@ -43,10 +43,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class Checkpoint:
     """The torch modules and configs an SD 1.x/2.x/XL export needs."""
 
-    text_encoder: torch.nn.Module  # CLIPTextModel
+    text_encoder: torch.nn.Module | None  # CLIPTextModel; None: an SDXL refiner, conditioned on the second alone
     unet: torch.nn.Module  # UNet2DConditionModel
     vae: torch.nn.Module  # AutoencoderKL
-    tokenizer_dir: Path  # folder with vocab.json + merges.txt (+ tokenizer_config.json)
+    tokenizer_dir: Path | None  # folder with vocab.json + merges.txt (+ tokenizer_config.json)
     scheduler_config: dict
     source: dict  # kind, path or id, sha256 of the weights
     text_encoder_2: torch.nn.Module | None = None  # SDXL: CLIPTextModelWithProjection (OpenCLIP bigG)
@@ -135,13 +135,11 @@ def load_diffusers_folder(folder: Path) -> Checkpoint:
         )
     if pipeline not in SUPPORTED_PIPELINES:
         raise UnsupportedModel(f"{folder}: pipeline class {pipeline!r} is not supported; diffrt exports {SUPPORTED}")
-    if pipeline == "StableDiffusionXLImg2ImgPipeline" and not (index.get("text_encoder") or [None])[-1]:
-        raise UnsupportedModel(
-            f"{folder} is an SDXL refiner checkpoint (one text encoder), not supported yet; any SDXL base bundle "
-            "can be the refiner (diffrt generate --refiner BUNDLE)"
-        )
     xl = pipeline in XL_PIPELINES
-    parts = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+    # Stability's SDXL refiner: the img2img class with no first text encoder (bigG alone conditions the UNet)
+    first = not xl or bool((index.get("text_encoder") or [None])[-1])
+    parts = ("unet", "vae", "scheduler")
+    parts += ("text_encoder", "tokenizer") if first else ()
     parts += ("text_encoder_2", "tokenizer_2") if xl else ()
     for part in parts:
         if not (folder / part).is_dir():
@@ -152,7 +150,7 @@ def load_diffusers_folder(folder: Path) -> Checkpoint:
     unet_config = _read_json(folder / "unet" / "config.json")
     latent_channels = int(_read_json(folder / "vae" / "config.json").get("latent_channels", 4))
     check_unet_config(unet_config, folder, xl, latent_channels, inpainting="Inpaint" in pipeline)
-    text_encoder = _load(CLIPTextModel, folder / "text_encoder")
+    text_encoder = _load(CLIPTextModel, folder / "text_encoder") if first else None
     text_encoder_2 = _load(CLIPTextModelWithProjection, folder / "text_encoder_2") if xl else None
     unet = _load(UNet2DConditionModel, folder / "unet")
     vae = _load(AutoencoderKL, folder / "vae")
@@ -162,7 +160,7 @@ def load_diffusers_folder(folder: Path) -> Checkpoint:
         text_encoder,
         unet,
         vae,
-        folder / "tokenizer",
+        folder / "tokenizer" if first else None,
         scheduler,
         {"kind": "diffusers", "path": str(folder), "sha256": hash_files(weights)},
         text_encoder_2=text_encoder_2,

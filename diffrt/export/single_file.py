@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from diffrt.bundle import SD_SCHEDULER, SDXL_SCHEDULER
-from diffrt.errors import BadInput, UnsupportedModel
+from diffrt.errors import BadInput
 from diffrt.export.checkpoint import Checkpoint, check_unet_config, hash_files
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ CLIP_SD1 = "cond_stage_model.transformer.text_model."
 CLIP_SD2 = "cond_stage_model.model."
 CLIP_XL = "conditioner.embedders.0.transformer.text_model."  # CLIP ViT-L
 OPEN_CLIP_XL = "conditioner.embedders.1.model."  # OpenCLIP bigG
+OPEN_CLIP_REFINER = "conditioner.embedders.0.model."  # the SDXL refiner's only text encoder: bigG
 TEXT = {"sd1": CLIP_SD1, "sd2": CLIP_SD2, "sdxl": CLIP_XL}  # prefix of the (first) text encoder
 
 
@@ -45,11 +46,12 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 
 
 def detect_family(sd: dict[str, torch.Tensor], path: Path) -> str:
-    if any(k.startswith("conditioner.embedders.0.model.") for k in sd):  # bigG alone: the refiner
-        raise UnsupportedModel(f"{path} is an SDXL refiner checkpoint, not supported yet; pass an SDXL base model")
+    """'sd1', 'sd2', 'sdxl' or 'sdxl_refiner' (bigG as the only embedder)."""
     if any(k.startswith("conditioner.embedders.") for k in sd):
         if UNET + "input_blocks.0.0.weight" not in sd or VAE + "decoder.conv_in.weight" not in sd:
             raise BadInput(f"{path} is an incomplete SDXL checkpoint (no UNet/VAE weights); pass a full SDXL file")
+        if any(k.startswith(OPEN_CLIP_REFINER) for k in sd):
+            return "sdxl_refiner"
         if not any(k.startswith(CLIP_XL) for k in sd) or not any(k.startswith(OPEN_CLIP_XL) for k in sd):
             raise BadInput(f"{path} is an SDXL checkpoint without both text encoders; pass a full SDXL file")
         return "sdxl"
@@ -70,9 +72,10 @@ def _count(sd: dict, pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := rx.match(k))})
 
 
-def unet_config(sd: dict[str, torch.Tensor], family: str, pooled_dim: int = 0) -> dict:
+def unet_config(sd: dict[str, torch.Tensor], family: str, pooled_dim: int = 0, time_ids: int = 6) -> dict:
     """UNet2DConditionModel config from the LDM weights: levels, channels, attention per level; for SDXL the
-    transformer depth per level and the added embedding (`label_emb`: 6 size numbers + the pooled text)."""
+    transformer depth per level and the added embedding (`label_emb`: `time_ids` numbers, 6 for the base and
+    5 for the refiner, + the pooled text)."""
     levels: list[list[int]] = [[]]  # input_blocks indices per level
     n = 1
     while f"{UNET}input_blocks.{n}.0.op.weight" in sd or f"{UNET}input_blocks.{n}.0.in_layers.0.weight" in sd:
@@ -86,14 +89,18 @@ def unet_config(sd: dict[str, torch.Tensor], family: str, pooled_dim: int = 0) -
     first_attn = next(lv[0] for lv, a in zip(levels, attn) if a)
     proj_in = sd[f"{UNET}input_blocks.{first_attn}.1.proj_in.weight"]
     cross = int(sd[f"{UNET}input_blocks.{first_attn}.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+    # diffusers gives the mid block the last level's depth: levels without attention (the refiner's last)
+    # carry the mid block's, which they do not use themselves
+    mid = _count(sd, rf"{re.escape(UNET)}middle_block\.1\.transformer_blocks\.(\d+)\.") or 1
     depths = [
-        _count(sd, rf"{re.escape(UNET)}input_blocks\.{lv[0]}\.1\.transformer_blocks\.(\d+)\.") if a else 1
+        _count(sd, rf"{re.escape(UNET)}input_blocks\.{lv[0]}\.1\.transformer_blocks\.(\d+)\.") if a else mid
         for lv, a in zip(levels, attn)
     ]
-    depth = depths if family == "sdxl" else depths[attn.index(True)]
+    xl = family.startswith("sdxl")
+    depth = depths if xl else depths[attn.index(True)]
     heads = 8 if family == "sd1" else [max(c // 64, 1) for c in channels]
     cfg = {
-        "sample_size": {"sd1": 64, "sd2": 96, "sdxl": 128}[family],
+        "sample_size": {"sd1": 64, "sd2": 96, "sdxl": 128, "sdxl_refiner": 128}[family],
         "in_channels": int(sd[UNET + "input_blocks.0.0.weight"].shape[1]),
         "out_channels": int(sd[UNET + "out.2.weight"].shape[0]),
         "block_out_channels": channels,
@@ -107,14 +114,14 @@ def unet_config(sd: dict[str, torch.Tensor], family: str, pooled_dim: int = 0) -
         "upcast_attention": family == "sd2",
         "norm_num_groups": 32,
     }
-    if family == "sdxl":
-        added = int(sd[UNET + "label_emb.0.0.weight"].shape[1])  # 6 sinusoidal size embeddings + pooled text
+    if xl:
+        added = int(sd[UNET + "label_emb.0.0.weight"].shape[1])  # sinusoidal size embeddings + pooled text
         cfg.update(
             addition_embed_type="text_time",
-            addition_time_embed_dim=(added - pooled_dim) // 6,
+            addition_time_embed_dim=(added - pooled_dim) // time_ids,
             projection_class_embeddings_input_dim=added,
         )
-    check_unet_config(cfg, "single-file checkpoint", family == "sdxl")
+    check_unet_config(cfg, "single-file checkpoint", xl)
     return cfg
 
 
@@ -131,8 +138,8 @@ def vae_config(sd: dict[str, torch.Tensor], family: str) -> dict:
         "latent_channels": int(sd[VAE + "post_quant_conv.weight"].shape[0]),
         "norm_num_groups": 32,
         # SDXL's VAE: another latent scale, and FP32 where diffusers would run it in FP16 (it overflows)
-        "scaling_factor": 0.13025 if family == "sdxl" else 0.18215,
-        "force_upcast": family == "sdxl",
+        "scaling_factor": 0.13025 if family.startswith("sdxl") else 0.18215,
+        "force_upcast": family.startswith("sdxl"),
     }
 
 
@@ -205,17 +212,19 @@ def _text_encoder(sd: dict[str, torch.Tensor], cfg: dict, prefix: str, open_clip
 
 
 def load_single_file(path: Path, prediction_type: str | None = None, tokenizer: Path | None = None) -> Checkpoint:
-    """Convert an original-layout SD 1.x/2.x/XL .safetensors into diffusers modules, offline."""
+    """Convert an original-layout SD 1.x/2.x/XL (or SDXL refiner) .safetensors into diffusers modules, offline."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     sd = _read(path)
     family = detect_family(sd, path)
-    xl = family == "sdxl"
+    refiner = family == "sdxl_refiner"  # bigG alone, 5 micro-conditions (an aesthetic score in place of target size)
+    xl = family.startswith("sdxl")
+    big_g = OPEN_CLIP_REFINER if refiner else OPEN_CLIP_XL
     try:
-        t_cfg = text_config(sd, TEXT[family], open_clip=family == "sd2", drop_last=family == "sd2")
-        t2_cfg = text_config(sd, OPEN_CLIP_XL, open_clip=True) if xl else None
-        u_cfg = unet_config(sd, family, t2_cfg["projection_dim"] if xl else 0)
+        t_cfg = None if refiner else text_config(sd, TEXT[family], open_clip=family == "sd2", drop_last=family == "sd2")
+        t2_cfg = text_config(sd, big_g, open_clip=True) if xl else None
+        u_cfg = unet_config(sd, family, t2_cfg["projection_dim"] if xl else 0, 5 if refiner else 6)
         v_cfg = vae_config(sd, family)
     except (KeyError, StopIteration, IndexError) as e:
         raise BadInput(f"{path}: unexpected layout, missing {e}; the file is incomplete or not SD 1.x/2.x/XL") from None
@@ -230,14 +239,17 @@ def load_single_file(path: Path, prediction_type: str | None = None, tokenizer: 
         unet.load_state_dict(convert_ldm_unet_checkpoint(sd, unet.config), strict=True)
         vae = AutoencoderKL.from_config(v_cfg)
         vae.load_state_dict(convert_ldm_vae_checkpoint(sd, vae.config), strict=True)
-        text_encoder = _text_encoder(sd, t_cfg, TEXT[family], open_clip=family == "sd2")
-        text_encoder_2 = _text_encoder(sd, t2_cfg, OPEN_CLIP_XL, open_clip=True) if xl else None
+        text_encoder = None if refiner else _text_encoder(sd, t_cfg, TEXT[family], open_clip=family == "sd2")
+        text_encoder_2 = _text_encoder(sd, t2_cfg, big_g, open_clip=True) if xl else None
     except RuntimeError as e:
         raise BadInput(
             f"{path}: weights do not fit the inferred {family} architecture "
             f"({str(e).splitlines()[0][:160]}); pass a standard SD 1.x/2.x/XL checkpoint"
         ) from None
-    tok_dir = tokenizer or _default_tokenizer(t_cfg["vocab_size"], path, "!" if family == "sd2" else "<|endoftext|>")
+    tok_dir = None
+    if not refiner:
+        pad = "!" if family == "sd2" else "<|endoftext|>"
+        tok_dir = tokenizer or _default_tokenizer(t_cfg["vocab_size"], path, pad)
     tok_2_dir = None
     if xl:  # the same BPE, padded with "!" as OpenCLIP pads
         tok_2_dir = _repadded(tokenizer, "!") if tokenizer else _default_tokenizer(t2_cfg["vocab_size"], path, "!")
@@ -251,7 +263,7 @@ def load_single_file(path: Path, prediction_type: str | None = None, tokenizer: 
         {"kind": "single_file", "path": str(path), "sha256": hash_files([path])},
         text_encoder_2=text_encoder_2,
         tokenizer_2_dir=tok_2_dir,
-        force_zeros_for_empty_prompt=xl,  # SDXL base's own setting
+        force_zeros_for_empty_prompt=family == "sdxl",  # SDXL base's own setting; the refiner's is off
     )
 
 

@@ -140,6 +140,74 @@ def build_sdxl(folder: Path, seed: int = 0, variant: Variant = "base", *, sample
     return folder
 
 
+def build_sdxl_refiner(folder: Path, seed: int = 0, *, sample_size: int = 8) -> Path:
+    """A tiny refiner in the layout of Stability's SDXL refiner: StableDiffusionXLImg2ImgPipeline with no first
+    text encoder (the bigG-style one alone conditions the UNet), 5 micro-conditioning numbers (original size,
+    crop, aesthetic score), no attention in the first and last levels, force_zeros_for_empty_prompt off."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    write_clip_tokenizer(folder / "tokenizer_2", "!")
+    vocab_size = len(json.loads((folder / "tokenizer_2" / "vocab.json").read_text()))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, 128, 3, 0, "gelu")).eval()
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=2,  # as the refiner's config: one number, the mid block's depth too
+        cross_attention_dim=128,
+        attention_head_dim=(1, 2, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=5 * time_embed_dim + text_encoder_2.config.projection_dim,
+        norm_num_groups=32,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=sample_size * 8,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    ).eval()
+    _perturb(text_encoder_2, unet, vae)
+    text_encoder_2.save_pretrained(folder / "text_encoder_2")
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    _write_json(folder / "scheduler" / "scheduler_config.json", SDXL_SCHEDULER)
+    _write_json(
+        folder / "model_index.json",
+        {
+            "_class_name": "StableDiffusionXLImg2ImgPipeline",
+            "_diffusers_version": "0.42.1",
+            "force_zeros_for_empty_prompt": False,
+            "requires_aesthetics_score": True,
+            "text_encoder": [None, None],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": [None, None],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        },
+    )
+    return folder
+
+
 def build_sd_turbo(folder: Path, seed: int = 0) -> Path:
     """SD-Turbo: the SD 2.x architecture with trailing-spaced Euler, epsilon-predicting, run at 1-4 steps."""
     folder = build_sd(folder, "sd2", seed=seed)

@@ -5,7 +5,8 @@ under ``model.diffusion_model.``, the VAE under ``first_stage_model.``, SD1's CL
 ``cond_stage_model.transformer.text_model.`` and SD2's OpenCLIP text encoder (a CLIP config with
 ``hidden_act="gelu"``) under ``cond_stage_model.model.``, with q/k/v merged into ``attn.in_proj_*``. SDXL (Stability's
 generative-models layout): CLIP ViT-L under ``conditioner.embedders.0.transformer.text_model.``, OpenCLIP bigG
-under ``conditioner.embedders.1.model.``, the added text/time embedding as the UNet's ``label_emb``.
+under ``conditioner.embedders.1.model.``, the added text/time embedding as the UNet's ``label_emb``; the SDXL
+refiner's bigG, its only text encoder, under ``conditioner.embedders.0.model.``.
 
 The file also carries what real checkpoints carry beyond the weights diffusers reads, so that loaders meet it in
 tests: the DDPM schedule buffers (``betas``, ``alphas_cumprod``, ...), SD1's ``embeddings.position_ids``,
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPEN_CLIP = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
 XL_CLIP, XL_OPEN_CLIP = "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."
+XL_REFINER_OPEN_CLIP = "conditioner.embedders.0.model."
 
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
@@ -217,14 +219,17 @@ def to_single_file(diffusers_folder: Path, out_path: Path, *, seed: int = 0) -> 
     gen = torch.Generator().manual_seed(seed)
     state = _unet(*reversed(_load(folder / "unet")))
     state.update(_vae(*reversed(_load(folder / "vae"))))
-    text_config, text_weights = _load(folder / "text_encoder")
-    if (folder / "text_encoder_2").is_dir():  # SDXL: CLIP ViT-L and OpenCLIP bigG under `conditioner.embedders`
-        state.update(_clip(text_weights, text_config, XL_CLIP))
+    if not (folder / "text_encoder").is_dir():  # the SDXL refiner: bigG alone, as the first embedder
+        state.update(_open_clip(*reversed(_load(folder / "text_encoder_2")), gen, XL_REFINER_OPEN_CLIP))
+    elif (folder / "text_encoder_2").is_dir():  # SDXL: CLIP ViT-L and OpenCLIP bigG under `conditioner.embedders`
+        state.update(_clip(*reversed(_load(folder / "text_encoder")), XL_CLIP))
         state.update(_open_clip(*reversed(_load(folder / "text_encoder_2")), gen, XL_OPEN_CLIP))
-    elif text_config.get("hidden_act") == "gelu":  # SD2: OpenCLIP ViT-H/14's text tower
-        state.update(_open_clip(text_weights, text_config, gen))
     else:
-        state.update(_clip(text_weights, text_config))
+        text_config, text_weights = _load(folder / "text_encoder")
+        if text_config.get("hidden_act") == "gelu":  # SD2: OpenCLIP ViT-H/14's text tower
+            state.update(_open_clip(text_weights, text_config, gen))
+        else:
+            state.update(_clip(text_weights, text_config))
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     state.update(_ddpm_buffers(json.loads(scheduler_file.read_text()) if scheduler_file.exists() else {}))
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ def test_long_prompt_is_truncated_with_a_warning(sd1_bundle, caplog):
     words = "red blue green cat " * 30
     full = Tokenizer.from_file(str(sd1_bundle / "tokenizer/tokenizer.json")).encode(words).ids
     assert len(full) > 77
-    ids = pipe.tokenizer([words])
+    ids = pipe.text_encoders[0].tokenizer([words])
     assert ids.shape == (1, 77) and ids[0, -1] == pipe.manifest.tokenizer.eos_id
     assert ids[0, :76].tolist() == full[:76]
     assert any(f"{len(full) - 77} tokens over" in r.getMessage() for r in caplog.records)

@@ -27,19 +27,19 @@ def inject(monkeypatch, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(sdxl_folder, sdxl_second_folder):
+def reference(sdxl_folder, sdxl_refiner_folder):
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     base = StableDiffusionXLPipeline.from_pretrained(sdxl_folder, add_watermarker=False)
-    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_second_folder, add_watermarker=False)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_refiner_folder, add_watermarker=False)
     for p in (base, refiner):
         p.set_progress_bar_config(disable=True)
     return base, refiner, dict(base.scheduler.config), dict(refiner.scheduler.config)
 
 
 @pytest.fixture(scope="module")
-def pipe(sdxl_bundle, sdxl_second_bundle):
-    return Pipeline.load(sdxl_bundle, backend="ort-cpu", refiner=sdxl_second_bundle)
+def pipe(sdxl_bundle, sdxl_refiner_bundle):
+    return Pipeline.load(sdxl_bundle, backend="ort-cpu", refiner=sdxl_refiner_bundle)
 
 
 def theirs(reference, monkeypatch, sampler, at, seed=3):
@@ -76,9 +76,9 @@ def test_handoff_point_and_tolerance(reference, pipe, monkeypatch, sdxl_bundle):
     assert np.abs(alone - both).max() > 5 * TOL and np.abs(mine(pipe, "euler", 0.6) - both).max() > 5 * TOL
 
 
-def test_generate_with_a_refiner_records_it(capsys, sdxl_bundle, sdxl_second_bundle, pipe, tmp_path):
+def test_generate_with_a_refiner_records_it(capsys, sdxl_bundle, sdxl_refiner_bundle, pipe, tmp_path):
     out = tmp_path / "r.png"
-    code = main(["generate", str(sdxl_bundle), "a red fox", "--refiner", str(sdxl_second_bundle),
+    code = main(["generate", str(sdxl_bundle), "a red fox", "--refiner", str(sdxl_refiner_bundle),
                  "--refiner-at", "0.7", "--steps", "6", "--size", "64x64", "-o", str(out)])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     im = Image.open(out)
@@ -87,9 +87,9 @@ def test_generate_with_a_refiner_records_it(capsys, sdxl_bundle, sdxl_second_bun
     assert np.array_equal(np.asarray(im), np.asarray(want))
 
 
-def test_refusals_name_the_problem(capsys, sd1_bundle, sdxl_bundle, sdxl_second_bundle, pipe, tmp_path):
+def test_refusals_name_the_problem(capsys, sd1_bundle, sdxl_bundle, sdxl_refiner_bundle, pipe, tmp_path):
     with pytest.raises(BadInput, match="SDXL base.*sd1"):
-        Pipeline.load(sd1_bundle, backend="ort-cpu", refiner=sdxl_second_bundle)
+        Pipeline.load(sd1_bundle, backend="ort-cpu", refiner=sdxl_refiner_bundle)
     with pytest.raises(BadInput, match="refiner .* is sd1"):
         Pipeline.load(sdxl_bundle, backend="ort-cpu", refiner=sd1_bundle)
     cases = [
@@ -105,5 +105,5 @@ def test_refusals_name_the_problem(capsys, sd1_bundle, sdxl_bundle, sdxl_second_
     with pytest.raises(BadInput, match="needs a refiner"):
         Pipeline.load(sdxl_bundle, backend="ort-cpu")("x", refiner_at=0.8, num_inference_steps=2)
     out = tmp_path / "o.png"
-    code = main(["generate", str(sd1_bundle), "x", "--refiner", str(sdxl_second_bundle), "-o", str(out)])
+    code = main(["generate", str(sd1_bundle), "x", "--refiner", str(sdxl_refiner_bundle), "-o", str(out)])
     assert code == 2 and "SDXL base" in capsys.readouterr().err and not out.exists()

@@ -54,14 +54,6 @@ def test_malformed_model_index(capsys, broken_copy, tmp_path):
     assert_clean_failure(*run_export(capsys, broken_copy, "-o", out), out, "malformed", "model_index.json")
 
 
-def test_sdxl_refiner_is_refused_by_name(capsys, broken_copy, tmp_path):
-    index = json.loads((broken_copy / "model_index.json").read_text())
-    refiner = {**index, "_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None]}
-    (broken_copy / "model_index.json").write_text(json.dumps(refiner))
-    out = tmp_path / "b"
-    assert_clean_failure(*run_export(capsys, broken_copy, "-o", out), out, "SDXL refiner", "not supported", "--refiner")
-
-
 def test_sdxl_base_saved_by_the_img2img_class_loads_as_sdxl(sdxl_folder, tmp_path):
     """StableDiffusionXLImg2ImgPipeline with both text encoders is an SDXL base saved through the img2img class."""
     from diffrt.export.checkpoint import load_diffusers_folder
