@@ -125,6 +125,12 @@ def decode_image(image: ImageLike, field: str) -> tuple[Image.Image | np.ndarray
         data = bytes(image)
     else:
         raise BadInput(f"{field} must be a PIL image, an array, a path or bytes, got {type(image).__name__}", field)
+    return _plain(open_image(data, field), field), _sha(data)
+
+
+def open_image(data: bytes, field: str) -> Image.Image:
+    """The first frame of an image file's bytes, decoded within the pixel limit, EXIF orientation applied, in
+    its own mode (alpha kept). BadInput naming the field for anything else."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -139,7 +145,7 @@ def decode_image(image: ImageLike, field: str) -> tuple[Image.Image | np.ndarray
     except Exception as e:  # PIL raises many types for bad files: truncated, unknown format, corrupt chunks
         why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise BadInput(f"{field}: not a readable image ({why}); pass a PNG, JPEG or WebP file", field) from None
-    return _plain(im, field), _sha(data)
+    return im
 
 
 def _sha(data: bytes) -> str:

@@ -82,6 +82,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._warned_no_upscaler = False
         self.refiner: Pipeline | None = None  # SDXL: the model that finishes the schedule (load(refiner=))
+        self.latest_sample: np.ndarray | None = None  # the last latents the UNet saw (VP): for progress previews
 
     @classmethod
     def load(
@@ -178,6 +179,7 @@ class Pipeline:
         unet, batch = self.sessions["unet"], conditions["encoder_hidden_states"].shape[0]
 
         def eps_fn(x_in: np.ndarray, t: float) -> np.ndarray:
+            self.latest_sample = x_in
             sample = np.concatenate([x_in, x_in]) if cfg else x_in  # (2n|n, C, h, w)
             if extra is not None:
                 sample = np.concatenate([sample, extra], axis=1)  # latents, mask, masked-image latents

@@ -64,6 +64,34 @@ def resolve_sampler(name: str) -> str:
     return _ALIASES[key]
 
 
+# A1111 (1.9 and later) names a sampler and a schedule type apart: "DPM++ 2M" + "Karras". "Automatic" is the
+# sampler's own: Karras for the DPM++ 2M family (A1111's choice), the plain schedule for the rest.
+A1111_SAMPLERS = tuple(name for name in _A1111 if not name.endswith(" Karras")) + ("DPM++ 2M SDE",)
+A1111_SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "normal": "Normal", "karras": "Karras"}
+_KARRAS_BY_DEFAULT = ("DPM++ 2M", "DPM++ 2M SDE")
+
+
+def a1111_sampler(sampler_name: str | None, scheduler: str | None) -> str | None:
+    """Short sampler name for A1111's sampler_name and scheduler (None: the bundle's default sampler)."""
+    schedule = str(scheduler or "automatic").strip().lower()
+    if schedule not in A1111_SCHEDULERS:
+        raise BadInput(
+            f"unknown scheduler {scheduler!r}; choose one of: {', '.join(A1111_SCHEDULERS.values())}", "scheduler"
+        )
+    if not sampler_name:
+        return None
+    name = {n.lower(): n for n in (*_A1111, "DPM++ 2M SDE")}.get(str(sampler_name).strip().lower())
+    if name is None or name.endswith(" Karras"):  # a short or diffusers name, or A1111's older one-name form
+        return resolve_sampler(sampler_name)
+    if schedule == "karras" or (schedule == "automatic" and name in _KARRAS_BY_DEFAULT):
+        if f"{name} Karras" not in _A1111:
+            raise BadInput(f"scheduler Karras is not available with {name}; use it with DPM++ 2M", "scheduler")
+        return _A1111[f"{name} Karras"]
+    if name not in _A1111:  # "uniform", "normal": the plain schedule
+        raise BadInput(f"{name} runs with the Karras schedule only; pass scheduler Karras", "scheduler")
+    return _A1111[name]
+
+
 def default_sampler(scheduler_config: Mapping[str, Any]) -> str:
     """The sampler for a bundle when the caller names none. Few-step distilled models (LCM, and Turbo's
     trailing-spaced schedulers) are tied to the scheduler they were distilled with; others get DPM++ 2M Karras."""

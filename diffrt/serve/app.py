@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import io
 import logging
 import math
@@ -33,16 +34,23 @@ from diffrt.engine.request import REFINER_AT, Request
 from diffrt.engine.samplers import resolve_sampler
 from diffrt.errors import BadInput
 from diffrt.serve.batcher import Batcher, JobResult, QueueFull
+from diffrt.serve.models import ModelPool
+from diffrt.serve.progress import Interrupted
 
 log = logging.getLogger(__name__)
 
 IMAGES_PATH = "/v1/images"
+# Requests that generate, in every protocol: counted by status code in diffrt_requests_total
+GENERATION_PATHS = (IMAGES_PATH, "/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # echo only ids that are safe in headers and logs
 
 
 @dataclass
 class ServeSettings:
-    bundle: str = ""
+    bundle: str = ""  # the default model, loaded and warmed up at start-up
+    others: tuple[str, ...] = ()  # more bundles, picked per request by name, loaded when first asked for
+    max_loaded: int = 1  # Pipelines kept loaded at once; the least recently used is unloaded beyond it
+    api_key: str | None = None  # every route but /healthz and /readyz then needs "Authorization: Bearer KEY"
     backend: str = "auto"
     threads: int = 0
     max_batch: int = 4  # images per pipeline call (capped at the bundle's batch range)
@@ -76,6 +84,7 @@ class ImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, description="non-empty; over 77 tokens is truncated with a warning")
+    model: str | None = Field(None, description="a served bundle's name (GET /v1/models); default: the first")
     negative_prompt: str | None = None
     num_inference_steps: int | None = Field(None, ge=1, le=150, description=BUNDLE_DEFAULT)
     guidance_scale: float | None = Field(None, ge=0, le=30, allow_inf_nan=False, description=BUNDLE_DEFAULT)
@@ -120,10 +129,12 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("diffrt_requests_total", "POST /v1/images answers by status code", ["code"], registry=r)
+        self.requests = Counter(
+            "diffrt_requests_total", "image requests (every protocol) by status code", ["code"], registry=r
+        )
         self.latency = Histogram(
             "diffrt_request_seconds",
-            "POST /v1/images latency, end to end",
+            "image request latency, end to end (every protocol)",
             registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
         )
@@ -191,6 +202,7 @@ def _b64(text: str, field: str) -> bytes:
 def to_request(req: ImageRequest) -> Request:
     """The service's JSON as diffrt's one Request type: fields left out keep the Request's defaults."""
     given = req.model_dump(exclude_none=True)
+    given.pop("model", None)
     for name in ("image", "mask_image"):
         if name in given:
             given[name] = _b64(given[name], name)
@@ -224,7 +236,7 @@ class RequestIdAndMetrics:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
-        start, counted = time.perf_counter(), scope["path"] == IMAGES_PATH
+        start, counted = time.perf_counter(), scope["path"] in GENERATION_PATHS
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -236,6 +248,59 @@ class RequestIdAndMetrics:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+OPEN_PATHS = ("/healthz", "/readyz")  # answered without the API key (probes)
+OPENAI_PREFIXES = ("/v1/images/", "/v1/models")  # errors there take OpenAI's shape
+
+
+class OneSlash:
+    """Pure ASGI middleware: "//sdapi/v1/options" is "/sdapi/v1/options" (clients join a base URL ending in "/")."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "//" in scope["path"]:
+            scope = {**scope, "path": re.sub("/{2,}", "/", scope["path"])}
+        await self.app(scope, receive, send)
+
+
+class ApiKey:
+    """Pure ASGI middleware: with `--api-key`, every route but the probes and short-lived image links needs
+    "Authorization: Bearer KEY" (OpenAI's clients) or HTTP Basic with KEY as the password (A1111's --api-auth
+    clients). Compared in constant time."""
+
+    def __init__(self, app, key: str, open_prefixes: tuple[str, ...] = ()):
+        self.app, self.key, self.open_prefixes = app, key.encode(), open_prefixes
+
+    def _given(self, header: bytes) -> bytes:
+        scheme, _, value = header.partition(b" ")
+        if scheme.lower() == b"bearer":
+            return value.strip()
+        if scheme.lower() == b"basic":
+            try:
+                return base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                return b""
+        return b""
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(self.open_prefixes):
+            return await self.app(scope, receive, send)
+        given = self._given(dict(scope["headers"]).get(b"authorization", b""))
+        if hmac.compare_digest(given, self.key):
+            return await self.app(scope, receive, send)
+        message = "missing or wrong API key: send the header Authorization: Bearer KEY (the server's --api-key)"
+        if path.startswith(OPENAI_PREFIXES):
+            body = {
+                "error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
+            }
+        else:
+            body = {"detail": message}
+        headers = {"WWW-Authenticate": "Bearer"}
+        await JSONResponse(body, status_code=401, headers=headers)(scope, receive, send)
 
 
 async def _read_body(request: HTTPRequest, limit: int) -> bytes | None:
@@ -283,12 +348,16 @@ async def resolve_request(req: ImageRequest, pipe: Any) -> Request | Response:
     the bundle: they are checked before queueing so a bad request never joins a batch. Images are decoded off
     the event loop."""
     try:
-        request = to_request(req)
-        if request.image is None:
-            return pipe.check_request(request)
-        return await asyncio.to_thread(pipe.check_request, request)
+        return await checked(to_request(req), pipe.check_request)
     except BadInput as e:
         return _error(422, str(e), _field_of(e))
+
+
+async def checked(request: Request, check: Callable[[Request], Request]) -> Request:
+    """`check(request)`, off the event loop when there are images to decode."""
+    if request.image is None:
+        return check(request)
+    return await asyncio.to_thread(check, request)
 
 
 def engine_error(request: HTTPRequest, e: Exception) -> JSONResponse:
@@ -313,48 +382,107 @@ def images_response(request: HTTPRequest, gen: Request, result: JobResult, heade
     return JSONResponse({"images": encoded, "parameters": result.parameters, "timings": timings}, headers=headers)
 
 
-def create_app(settings: ServeSettings, loader: Callable[[], Any] | None = None) -> FastAPI:
-    """`loader()` returns the Pipeline (default: Pipeline.load(settings.bundle, ...)); tests pass their own."""
-    metrics = Metrics()
-    batcher = Batcher(settings.max_batch, settings.batch_wait_ms / 1000, settings.max_queue, metrics)
-    state: dict[str, Any] = {"ready": False, "error": None}
+class Refusal(Exception):
+    """A request the service answers with a 4xx or 5xx; each protocol writes it in its own error shape."""
 
-    def load() -> Any:
-        if loader is not None:
-            return loader()
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+
+class Service:
+    """What every protocol's routes share: the models, the batcher, readiness, and one way to run a request."""
+
+    def __init__(self, settings: ServeSettings, loader: Callable[[str], Any] | None = None):
+        self.settings, self.metrics = settings, Metrics()
+        self.pool = ModelPool([settings.bundle, *settings.others], loader or self._load, settings.max_loaded)
+        self.batcher = Batcher(settings.max_batch, settings.batch_wait_ms / 1000, settings.max_queue, self.metrics)
+        self.batcher.set_pool(self.pool)
+        self.state: dict[str, Any] = {"ready": False, "error": None}
+        self.started = time.time()
+        self.current = self.pool.default  # the model of requests that name none (A1111's options select it)
+
+    def _load(self, path: str) -> Any:
         from diffrt.engine.pipeline import Pipeline
 
-        return Pipeline.load(
-            settings.bundle, backend=settings.backend, threads=settings.threads, refiner=settings.refiner
-        )
+        refiner = self.settings.refiner if path == self.settings.bundle else None
+        return Pipeline.load(path, backend=self.settings.backend, threads=self.settings.threads, refiner=refiner)
 
-    async def start_engine() -> None:
+    async def start(self) -> None:
         try:
             t0 = time.perf_counter()
-            pipe = await batcher.run_in_engine(load)
-            batcher.set_pipeline(pipe)
+            pipe = await self.batcher.run_in_engine(lambda: self.pool.pipeline(self.pool.default))
             # One real generation: first calls allocate buffers, build CUDA graphs / pick kernels.
-            await batcher.run_in_engine(pipe.warm_up)
-            state["ready"] = True
-            metrics.ready.set(1)
-            log.info("ready in %.1f s (max batch %d images)", time.perf_counter() - t0, batcher.max_batch)
+            await self.batcher.run_in_engine(pipe.warm_up)
+            self.state["ready"] = True
+            self.metrics.ready.set(1)
+            log.info("ready in %.1f s (max batch %d images)", time.perf_counter() - t0, self.batcher.max_batch)
         except Exception as e:
-            state["error"] = f"{type(e).__name__}: {e}"
+            self.state["error"] = f"{type(e).__name__}: {e}"
             log.exception("loading the bundle failed; /readyz stays 503")
+
+    def model(self, name: str | None) -> str:
+        """The pool's name for what a client asked for (None: the current one); Refusal 404 for an unknown one."""
+        if not name:
+            return self.current
+        try:
+            return self.pool.find(name).name
+        except BadInput as e:
+            raise Refusal(404, str(e), "model") from None
+
+    async def resolve(self, request: Request, model: str) -> Request:
+        """The request resolved against its model's bundle, before queueing; Refusal 422 naming the field."""
+        try:
+            return await checked(request, lambda r: self.pool.check(model, r))
+        except BadInput as e:
+            raise Refusal(422, str(e), _field_of(e)) from None
+
+    async def run(self, http: HTTPRequest, request: Request, model: str) -> JobResult:
+        """Queue a resolved request and wait for its images; every way it can fail is a Refusal."""
+        if not self.state["ready"]:
+            raise Refusal(503, "the model is still loading", headers={"Retry-After": "5"})
+        try:
+            job = self.batcher.submit(request, http.is_disconnected, model)
+        except QueueFull as e:
+            raise Refusal(429, f"{e}; retry later", headers={"Retry-After": "1"}) from None
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), self.settings.timeout_s)
+        except asyncio.TimeoutError:
+            self.batcher.withdraw(job, "timeout")
+            raise Refusal(504, f"not finished within {self.settings.timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            self.batcher.withdraw(job, "cancelled")
+            raise
+        except Interrupted:
+            raise Refusal(409, "interrupted before it finished (an interrupt was asked for); send it again") from None
+        except BadInput as e:
+            raise Refusal(422, str(e), _field_of(e)) from None
+        except Exception as e:  # noqa: BLE001 - the engine failed (NonFiniteOutput, backend errors)
+            log.error("request %s failed: %s: %s", http.scope["state"]["request_id"], type(e).__name__, e)
+            raise Refusal(500, f"{type(e).__name__}: {e}") from None
+
+
+def create_app(settings: ServeSettings, loader: Callable[[str], Any] | None = None) -> FastAPI:
+    """`loader(path)` returns a bundle's Pipeline (default: Pipeline.load(path, ...)); tests pass their own."""
+    service = Service(settings, loader)
+    metrics, batcher, state = service.metrics, service.batcher, service.state
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
-        loading = asyncio.create_task(start_engine())
+        loading = asyncio.create_task(service.start())
         try:
             yield
         finally:
             loading.cancel()
             await batcher.stop()
 
-    app = FastAPI(title="diffrt", summary="Stable Diffusion images from a diffrt bundle", lifespan=lifespan)
-    app.state.batcher, app.state.metrics, app.state.serve = batcher, metrics, state
+    app = FastAPI(title="diffrt", summary="Stable Diffusion images from diffrt bundles", lifespan=lifespan)
+    app.state.batcher, app.state.metrics, app.state.serve, app.state.service = batcher, metrics, state, service
     app.add_middleware(RequestIdAndMetrics, metrics=metrics)
+    if settings.api_key:
+        app.add_middleware(ApiKey, key=settings.api_key, open_prefixes=("/v1/images/files/",))
+    app.add_middleware(OneSlash)  # added last: runs first
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -379,25 +507,18 @@ def create_app(settings: ServeSettings, loader: Callable[[], Any] | None = None)
         req = await read_images_request(request, settings)
         if isinstance(req, Response):
             return req
-        if not state["ready"]:
-            return _error(503, "the model is still loading", headers={"Retry-After": "5"})
-        gen = await resolve_request(req, batcher.pipeline)
-        if isinstance(gen, Response):
-            return gen
         try:
-            job = batcher.submit(gen, request.is_disconnected)
-        except QueueFull as e:
-            return _error(429, f"{e}; retry later", headers={"Retry-After": "1"})
-        try:
-            result: JobResult = await asyncio.wait_for(asyncio.shield(job.future), settings.timeout_s)
-        except asyncio.TimeoutError:
-            batcher.withdraw(job, "timeout")
-            return _error(504, f"not finished within {settings.timeout_s:g} s")
-        except asyncio.CancelledError:
-            batcher.withdraw(job, "cancelled")
-            raise
-        except Exception as e:  # noqa: BLE001 - BadInput, or the engine failed (NonFiniteOutput, backend errors)
-            return engine_error(request, e)
+            model = service.model(req.model)
+            gen = await service.resolve(to_request(req), model)
+            result = await service.run(request, gen, model)
+        except BadInput as e:  # to_request: base64 that is not
+            return _error(422, str(e), _field_of(e))
+        except Refusal as e:
+            return _error(e.status, e.message, e.field, e.headers)
         return images_response(request, gen, result, {})
 
+    from diffrt.serve import a1111_api, openai_api
+
+    openai_api.add_routes(app, service)
+    a1111_api.add_routes(app, service)
     return app

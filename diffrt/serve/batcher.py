@@ -19,6 +19,7 @@ from typing import Any
 from diffrt.engine.request import Request, combine
 from diffrt.engine.request import batch_key as request_batch_key
 from diffrt.errors import BadInput
+from diffrt.serve.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Job:
     settings: Request  # resolved
     future: asyncio.Future
     is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    model: str | None = None  # the pool's model name; None: the one pipeline (set_pipeline)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -75,7 +77,10 @@ class Batcher:
     def __init__(self, max_batch: int, batch_wait_s: float, max_queue: int, metrics: Any = None):
         self.max_batch, self.batch_wait_s, self.max_queue = max(1, max_batch), max(0.0, batch_wait_s), max_queue
         self.metrics = metrics
-        self.pipeline: Any = None  # set by load(); owned by the engine thread from then on
+        self.pipeline: Any = None  # set by set_pipeline(); owned by the engine thread from then on
+        self.pool: Any = None  # or a ModelPool (set_pool): jobs name their model, batches never mix models
+        self.progress = Progress()  # the running call's step, for progress reports and interrupts
+        self.running = 0  # requests in the engine call now
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffrt-engine")
         self._pending: deque[Job] = deque()
         self._wakeup: asyncio.Event | None = None
@@ -88,8 +93,16 @@ class Batcher:
 
     def set_pipeline(self, pipeline: Any) -> None:
         self.pipeline = pipeline
-        vae = pipeline.manifest.components["vae_decoder"].spec
-        bundle_max = vae.dim_ranges["batch"].max
+        self._cap(pipeline.manifest)
+
+    def set_pool(self, pool: Any) -> None:
+        """Serve several bundles: a job's `model` picks its Pipeline (loaded by the pool on this thread)."""
+        self.pool = pool
+        for model in pool.models.values():
+            self._cap(model.manifest)
+
+    def _cap(self, manifest: Any) -> None:
+        bundle_max = manifest.components["vae_decoder"].spec.dim_ranges["batch"].max
         if self.max_batch > bundle_max:
             log.info(
                 "max batch %d > this bundle's %d images per call: using %d", self.max_batch, bundle_max, bundle_max
@@ -118,11 +131,16 @@ class Batcher:
     def depth(self) -> int:
         return len(self._pending)
 
-    def submit(self, settings: Request, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> Job:
+    def submit(
+        self,
+        settings: Request,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        model: str | None = None,
+    ) -> Job:
         """Queue a job (raises QueueFull). The caller awaits `job.future` and cancels it to withdraw."""
         if len(self._pending) >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} waiting)")
-        job = Job(settings, asyncio.get_running_loop().create_future(), is_disconnected)
+        job = Job(settings, asyncio.get_running_loop().create_future(), is_disconnected, model)
         self._pending.append(job)
         self._gauge()
         assert self._wakeup is not None, "Batcher.start() was not called"
@@ -150,7 +168,7 @@ class Batcher:
         """Head first, then later compatible jobs in order, while they fit in max_batch images."""
         key, total, out = batch_key(head.settings), head.settings.num_images, [head]
         for job in self._pending:
-            if job is head or batch_key(job.settings) != key:
+            if job is head or job.model != head.model or batch_key(job.settings) != key:
                 continue
             if total + job.settings.num_images <= self.max_batch:
                 out.append(job)
@@ -193,10 +211,14 @@ class Batcher:
             if self.metrics:
                 for job in live:
                     self.metrics.queue_wait.observe(started - job.enqueued)
+            self.running = len(live)
             try:
-                results = await loop.run_in_executor(self._executor, self.run_group, [j.settings for j in live])
+                group = [j.settings for j in live]
+                results = await loop.run_in_executor(self._executor, self.run_group, group, head.model)
             except Exception as e:  # noqa: BLE001 - the executor itself failed (e.g. shut down)
                 results = [e] * len(live)
+            finally:
+                self.running = 0
             for job, result in zip(live, results):
                 if job.future.done():  # timed out while running: the answer has gone already
                     continue
@@ -221,22 +243,27 @@ class Batcher:
         return True
 
     # --- engine thread -------------------------------------------------------------------------------------
-    def run_group(self, group: list[Request]) -> list[JobResult | BaseException]:
+    def run_group(self, group: list[Request], model: str | None = None) -> list[JobResult | BaseException]:
         """One pipeline call for a compatible group (equal batch keys, at most max_batch images in all): a
         result or an exception per request. Engine thread only; the Ray Serve deployment calls it too."""
         try:
-            return self._run_group(group)
+            return self._run_group(group, model)
         except BadInput as e:
             if len(group) == 1:
                 return [e]
             # One bad request must not fail its batch-mates: run each alone.
             log.info("batched call refused (%s); running its %d requests one by one", e, len(group))
-            return [r for s in group for r in self.run_group([s])]
+            return [r for s in group for r in self.run_group([s], model)]
         except Exception as e:  # noqa: BLE001 - handed to the request's future, logged by the app
             return [e] * len(group)
 
-    def _run_group(self, group: list[Request]) -> list[JobResult]:
-        out = self.pipeline.generate(combine(group))
+    def _run_group(self, group: list[Request], model: str | None) -> list[JobResult]:
+        pipe = self.pool.pipeline(model) if self.pool is not None else self.pipeline
+        self.progress.begin(lambda: getattr(pipe, "latest_sample", None))
+        try:
+            out = pipe.generate(combine(group), callback=self.progress.step)
+        finally:
+            self.progress.end()
         total = sum(r.num_images for r in group)
         if self.metrics:
             self.metrics.batch_images.observe(total)

@@ -29,10 +29,13 @@ RAY_OPTIONS = (
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve",
-        help="HTTP server: POST /v1/images, /healthz, /readyz, /metrics",
+        help="HTTP server: diffrt's, OpenAI's Images and A1111's APIs",
         description="Serve a bundle over HTTP with an in-process micro-batcher (one process, one Pipeline).",
     )
-    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("bundle", help="bundle directory (the default model)")
+    p.add_argument("others", nargs="*", metavar="BUNDLE", help="more bundles, picked per request by name")
+    p.add_argument("--max-loaded", type=int, default=1, help="bundles kept loaded at once (default 1; LRU)")
+    p.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY (or Basic, KEY as password)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=4, help="images per engine call (capped by the bundle)")
@@ -73,6 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise BadInput("--batch-wait-ms must be >= 0 and --timeout-s > 0")
     settings = ServeSettings(
         bundle=args.bundle,
+        others=tuple(args.others),
+        max_loaded=args.max_loaded,
+        api_key=args.api_key or None,
         backend=args.backend,
         threads=args.threads,
         max_batch=args.max_batch,
@@ -82,7 +88,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         refiner=args.refiner,
     )
     given = [flag for flag, *_ in RAY_OPTIONS if getattr(args, _dest(flag)) is not None]
+    if args.others and args.refiner:
+        raise BadInput("--refiner works with one bundle; serve the others from a second server")
     if args.ray:
+        if args.others or args.api_key:
+            raise BadInput("--ray serves one bundle without --api-key; drop the extra bundles or --ray")
         return _serve_with_ray(args, settings)
     if given:
         raise BadInput(f"{given[0]} needs --ray")

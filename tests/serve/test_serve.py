@@ -65,8 +65,8 @@ def pipe(sd1_bundle):
 
 def make_app(pipe, **kw):
     gated = GatedPipeline(pipe)
-    settings = ServeSettings(**{"max_batch": 4, "batch_wait_ms": 5, "max_queue": 16, "timeout_s": 60, **kw})
-    return create_app(settings, loader=lambda: gated), gated
+    given = {"bundle": str(pipe.bundle), "max_batch": 4, "batch_wait_ms": 5, "max_queue": 16, "timeout_s": 60, **kw}
+    return create_app(ServeSettings(**given), loader=lambda path: gated), gated
 
 
 async def _ready(client: httpx.AsyncClient) -> None:
@@ -305,11 +305,11 @@ def test_queue_full_is_429_and_timeout_is_504(pipe):
 def test_readiness_and_metrics(pipe):
     release = threading.Event()
 
-    def slow_loader():
+    def slow_loader(path):
         assert release.wait(30)
         return pipe
 
-    app = create_app(ServeSettings(), loader=slow_loader)
+    app = create_app(ServeSettings(str(pipe.bundle)), loader=slow_loader)
 
     async def fn(c):
         assert (await c.get("/healthz")).status_code == 200
@@ -333,11 +333,11 @@ def test_readiness_and_metrics(pipe):
     run_with_client(app, fn, ready=False)
 
 
-def test_failed_load_stays_unready():
-    def broken():
+def test_failed_load_stays_unready(sd1_bundle):
+    def broken(path):
         raise FileNotFoundError("no bundle here")
 
-    app = create_app(ServeSettings(), loader=broken)
+    app = create_app(ServeSettings(str(sd1_bundle)), loader=broken)
 
     async def fn(c):
         await asyncio.sleep(0.1)
