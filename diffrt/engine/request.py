@@ -275,11 +275,16 @@ def size_range(manifest: Manifest) -> tuple[int, int]:
     return lat.min * manifest.model.vae_scale_factor, lat.max * manifest.model.vae_scale_factor
 
 
+def size_multiple(manifest: Manifest) -> int:
+    """What every image side must be a multiple of, in pixels: the VAE factor times the UNet's latent multiple."""
+    unet = manifest.components["unet"].spec
+    return manifest.model.vae_scale_factor * dict(unet.multiples).get("latent_height", 1)
+
+
 def check_size(manifest: Manifest, height: int, width: int) -> None:
     """Image sides in pixels, the user's unit: multiples of the VAE factor and of the UNet's, inside the range."""
     f = manifest.model.vae_scale_factor
-    unet = manifest.components["unet"].spec
-    mult = f * dict(unet.multiples).get("latent_height", 1)
+    mult = size_multiple(manifest)
     lo, hi = size_range(manifest)
     for side, v in (("height", height), ("width", width)):
         if v % f:
@@ -296,8 +301,7 @@ def check_size(manifest: Manifest, height: int, width: int) -> None:
 
 def hires_size(manifest: Manifest, height: int, width: int, scale: float) -> tuple[int, int]:
     """(height, width) of the hires pass: A1111's int(side x scale), down to the UNet's size multiple."""
-    f = manifest.model.vae_scale_factor
-    mult = f * dict(manifest.components["unet"].spec.multiples).get("latent_height", 1)
+    mult = size_multiple(manifest)
     return target_side(height, scale, mult), target_side(width, scale, mult)
 
 

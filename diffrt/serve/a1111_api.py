@@ -8,7 +8,6 @@ are accepted and ignored. Unknown fields are ignored, as A1111 does (clients for
 from __future__ import annotations
 
 import base64
-import io
 import json
 import secrets
 import time
@@ -17,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from diffrt.engine.hires import UPSCALERS, HiresOptions
 from diffrt.engine.images import A1111_NAMES, open_image, parameters_text
@@ -25,7 +24,7 @@ from diffrt.engine.request import Request
 from diffrt.engine.samplers import A1111_SAMPLERS, A1111_SCHEDULERS, a1111_sampler
 from diffrt.errors import BadInput
 from diffrt.serve.app import Refusal, Service, _b64, _png, _read_body
-from diffrt.serve.progress import preview
+from diffrt.serve.progress import preview_png
 
 PREFIX = "/sdapi/v1"
 MAX_SEED = 2**32 - 1  # A1111's seeds; -1 draws one
@@ -282,13 +281,9 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.get(f"{PREFIX}/progress")
     async def get_progress(skip_current_image: bool = False) -> dict:
         snap = progress.snapshot(with_latents=not skip_current_image)
-        done = snap.step / snap.total if snap.running and snap.total else 0.0
-        eta = snap.elapsed / done - snap.elapsed if done else 0.0
         current = None
         if snap.latents is not None:
-            buf = io.BytesIO()
-            Image.fromarray(preview(snap.latents)).save(buf, format="PNG")
-            current = base64.b64encode(buf.getvalue()).decode("ascii")
+            current = base64.b64encode(preview_png(snap.latents)).decode("ascii")
         jobs = service.batcher.depth + service.batcher.running
         state = {
             "skipped": False,
@@ -300,7 +295,13 @@ def add_routes(app: FastAPI, service: Service) -> None:
             "sampling_step": snap.step,
             "sampling_steps": snap.total,
         }
-        return {"progress": done, "eta_relative": eta, "state": state, "current_image": current, "textinfo": None}
+        return {
+            "progress": snap.fraction,
+            "eta_relative": snap.eta,
+            "state": state,
+            "current_image": current,
+            "textinfo": None,
+        }
 
     @app.post(f"{PREFIX}/interrupt")
     async def interrupt() -> dict:

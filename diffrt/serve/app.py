@@ -30,12 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from diffrt.engine.hires import UPSCALERS, HiresOptions
 from diffrt.engine.images import parameters_text
-from diffrt.engine.request import REFINER_AT, Request
-from diffrt.engine.samplers import resolve_sampler
+from diffrt.engine.request import REFINER_AT, Request, bundle_defaults, size_multiple, size_range
+from diffrt.engine.samplers import SAMPLERS, resolve_sampler
 from diffrt.errors import BadInput
 from diffrt.serve.batcher import Batcher, JobResult, QueueFull
-from diffrt.serve.models import ModelPool
-from diffrt.serve.progress import Interrupted
+from diffrt.serve.models import Model, ModelPool
+from diffrt.serve.progress import Interrupted, preview_png
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ServeSettings:
     bundle: str = ""  # the default model, loaded and warmed up at start-up
     others: tuple[str, ...] = ()  # more bundles, picked per request by name, loaded when first asked for
     max_loaded: int = 1  # Pipelines kept loaded at once; the least recently used is unloaded beyond it
-    api_key: str | None = None  # every route but /healthz and /readyz then needs "Authorization: Bearer KEY"
+    api_key: str | None = None  # every route but /healthz and /readyz then needs the key (Bearer, or Basic password)
     backend: str = "auto"
     threads: int = 0
     max_batch: int = 4  # images per pipeline call (capped at the bundle's batch range)
@@ -299,7 +299,9 @@ class ApiKey:
             }
         else:
             body = {"detail": message}
-        headers = {"WWW-Authenticate": "Bearer"}
+        # a browser opening the page asks for a password (the key) and sends it on the page's own requests
+        page = path == "/" or path.startswith("/page/")
+        headers = {"WWW-Authenticate": 'Basic realm="diffrt", charset="UTF-8"' if page else "Bearer"}
         await JSONResponse(body, status_code=401, headers=headers)(scope, receive, send)
 
 
@@ -517,8 +519,62 @@ def create_app(settings: ServeSettings, loader: Callable[[str], Any] | None = No
             return _error(e.status, e.message, e.field, e.headers)
         return images_response(request, gen, result, {})
 
-    from diffrt.serve import a1111_api, openai_api
+    @app.get("/v1/bundles")
+    async def bundles() -> dict:
+        """The served bundles with what a request may send them and what it gets when it leaves a field out."""
+        return {
+            "default": service.current,
+            "bundles": [bundle_info(m, service.pool.loaded(m.name) is not None) for m in service.pool.models.values()],
+        }
+
+    @app.get("/v1/progress")
+    async def progress(preview: bool = True) -> dict:
+        """The running engine call: steps done of total, seconds left, requests waiting, and a preview (PNG data
+        URL) of the sample the UNet saw last."""
+        snap = batcher.progress.snapshot(with_latents=preview)
+        image = None
+        if snap.latents is not None:
+            image = "data:image/png;base64," + base64.b64encode(preview_png(snap.latents)).decode("ascii")
+        return {
+            "running": snap.running,
+            "step": snap.step,
+            "total": snap.total,
+            "progress": snap.fraction,
+            "eta_s": round(snap.eta, 3),
+            "queued": batcher.depth,
+            "preview": image,
+        }
+
+    @app.post("/v1/interrupt")
+    async def interrupt() -> dict:
+        """Stop the running engine call at its next step; its requests end with 409."""
+        return {"interrupted": batcher.progress.interrupt()}
+
+    from diffrt.serve import a1111_api, openai_api, page
 
     openai_api.add_routes(app, service)
     a1111_api.add_routes(app, service)
+    page.add_routes(app)
     return app
+
+
+def bundle_info(model: Model, loaded: bool) -> dict[str, Any]:
+    m = model.manifest
+    lo, hi = size_range(m)
+    return {
+        "name": model.name,
+        "title": model.title,
+        "family": m.model.family,
+        "loaded": loaded,
+        "width": m.model.default_size,
+        "height": m.model.default_size,
+        "min_size": lo,
+        "max_size": hi,
+        "size_multiple": size_multiple(m),
+        "max_images": m.components["vae_decoder"].spec.dim_ranges["batch"].max,
+        **bundle_defaults(m),
+        "samplers": list(SAMPLERS),
+        "image_to_image": "vae_encoder" in m.components,
+        "inpainting_unet": m.inpainting_unet,  # needs image and mask_image
+        "upscaler": "upscaler" in m.components,
+    }

@@ -6,11 +6,13 @@ loop reads `snapshot()` and calls `interrupt()`. An interrupted call raises `Int
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 # Latent -> RGB in about [-1, 1]: a least-squares fit of each latent space's channels to its decoder's pixels,
 # good enough for a thumbnail while sampling (the figures are the widely used "approx cheap" ones).
@@ -33,6 +35,12 @@ def preview(latents: np.ndarray) -> np.ndarray:
     return (np.clip(rgb / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
 
 
+def preview_png(latents: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(preview(latents)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @dataclass
 class Snapshot:
     running: bool
@@ -42,6 +50,17 @@ class Snapshot:
     elapsed: float
     interrupted: bool
     latents: np.ndarray | None  # the last sample the UNet saw (VP), for a preview
+
+    @property
+    def fraction(self) -> float:
+        """Share of the running call's UNet calls done, 0 when nothing runs."""
+        return self.step / self.total if self.running and self.total else 0.0
+
+    @property
+    def eta(self) -> float:
+        """Seconds left in the running call at its pace so far (0 before its first step)."""
+        done = self.fraction
+        return self.elapsed / done - self.elapsed if done else 0.0
 
 
 class Progress:

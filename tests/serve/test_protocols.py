@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 import time
 
@@ -24,32 +23,10 @@ from PIL import Image  # noqa: E402
 
 from diffrt.engine.pipeline import Pipeline  # noqa: E402
 from diffrt.serve.app import ServeSettings, create_app  # noqa: E402
+from tests.serve.live import LiveServer  # noqa: E402
 from tests.serve.test_serve import GatedPipeline, metric  # noqa: E402
 
 KEY = "test-key-123"
-
-
-class LiveServer:
-    def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        for _ in range(3000):
-            try:
-                if self.server.started and httpx.get(f"{self.base}/readyz").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.01)
-        raise AssertionError("server never ready")
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -334,4 +311,28 @@ def test_api_key_in_constant_time_for_every_route_but_health(sd1_bundle):
         api.set_auth("any", KEY)
         assert api.txt2img(prompt="x", width=64, height=64, steps=2).image.size == (64, 64)
     finally:
+        live.stop()
+
+
+def test_timeouts_are_504_in_each_protocols_shape(sd1_bundle):
+    gated = GatedPipeline(Pipeline.load(sd1_bundle, backend="ort-cpu", threads=2))
+    live = LiveServer(create_app(ServeSettings(str(sd1_bundle), timeout_s=0.5), loader=lambda path: gated))
+    try:
+        gated.hold()  # every engine call now waits past the timeout
+        b = live.base
+        c = openai.OpenAI(base_url=f"{b}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            c.images.generate(prompt="slow", size="64x64", extra_body=FAST)
+        assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+        r = httpx.post(f"{b}/sdapi/v1/txt2img", json={"prompt": "slow", "steps": 2}, timeout=30)
+        assert r.status_code == 504 and "within 0.5 s" in r.json()["detail"]
+        edit = [("image", ("a.png", png_bytes(picture()), "image/png"))]
+        r = httpx.post(f"{b}/v1/images/edits", data={"prompt": "slow"}, files=edit, timeout=30)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "server_error"
+        gated.gate.set()
+        assert httpx.get(f"{b}/readyz").status_code == 200  # still serving
+        r = httpx.post(f"{b}/sdapi/v1/txt2img", json={"prompt": "after", "steps": 2, "width": 64, "height": 64})
+        assert r.status_code == 200
+    finally:
+        gated.gate.set()
         live.stop()
