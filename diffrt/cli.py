@@ -106,6 +106,7 @@ def request_from_args(args: argparse.Namespace):
     width, height = args.size if args.size else (None, None)
     fields = {
         "negative_prompt": args.negative,
+        "prompt_syntax": args.prompt_syntax,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
         "scheduler": args.scheduler,
@@ -278,6 +279,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from diffrt import __version__
     from diffrt.demo import DEMO_DEFAULTS
+    from diffrt.engine.prompts import SYNTAXES
     from diffrt.engine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, REFINER_AT, Request, default_strength
 
     demo = DEMO_DEFAULTS
@@ -324,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="PNG path; with several images -0, -1, ... are added")
     p.add_argument("--negative", help="negative prompt")
+    p.add_argument(
+        "--prompt-syntax",
+        choices=SYNTAXES,
+        help="a1111 (default): (word:1.3), (word), [word], BREAK as A1111 reads them; plain: the text as it is",
+    )
     p.add_argument(
         "--steps",
         type=int,

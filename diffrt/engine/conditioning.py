@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from diffrt.engine import prompts
 from diffrt.engine.backends import Session
 from diffrt.engine.tokenizer import ClipTokenizer
 from diffrt.errors import BadInput
@@ -38,27 +39,37 @@ class Prompts:
 
 
 def encode(
-    encoders: list[TextEncoder], texts: list[list[str]], timings: dict[str, float]
+    encoders: list[TextEncoder], texts: list[list[str]], timings: dict[str, float], syntax: str = "a1111"
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Hidden states of every encoder concatenated on the feature axis (B, 77, sum D), and the pooled
-    projection (B, P) of the encoder that has one (SDXL's second), else None. Adds to timings' "tokenizer"
-    and "text_encoder" seconds."""
+    projection (B, P) of the encoder that has one (SDXL's second), else None. `syntax` "a1111" reads attention
+    weights and BREAK (diffrt.engine.prompts), each encoder weighting its own output; "plain" tokenizes the text
+    as it is. Adds to timings' "tokenizer" and "text_encoder" seconds."""
     hidden, pooled = [], None
     for encoder, batch in zip(encoders, texts):
         t0 = time.perf_counter()
-        ids = encoder.tokenizer(batch)
+        if syntax == "plain":
+            ids, weights = encoder.tokenizer(batch), None
+        else:
+            ids, weights = encoder.tokenizer.rows([encoder.tokenizer.chunks(text)[0] for text in batch])
         t1 = time.perf_counter()
         out = encoder.session.run({"input_ids": ids})
+        states = out["text_embeddings"] if weights is None else prompts.emphasize(out["text_embeddings"], weights)
         t2 = time.perf_counter()
         timings["tokenizer"] = timings.get("tokenizer", 0.0) + t1 - t0
         timings["text_encoder"] = timings.get("text_encoder", 0.0) + t2 - t1
-        hidden.append(out["text_embeddings"])
+        hidden.append(states)
         pooled = out.get("text_embeds", pooled)
     return np.concatenate(hidden, axis=-1), pooled
 
 
 def text_conditioning(
-    encoders: list[TextEncoder], p: Prompts, cfg: bool, zero_negative: bool, timings: dict[str, float]
+    encoders: list[TextEncoder],
+    p: Prompts,
+    cfg: bool,
+    zero_negative: bool,
+    timings: dict[str, float],
+    syntax: str = "a1111",
 ) -> dict[str, np.ndarray]:
     """`encoder_hidden_states` (2B|B, 77, D) and, for SDXL, `text_embeds` (2B|B, P).
 
@@ -71,7 +82,7 @@ def text_conditioning(
         negative = p.negative or ""
         negative_2 = p.negative_2 or negative
         texts = [[negative] * n + p.prompts, [negative_2] * n + p.prompts_2]
-    hidden, pooled = encode(encoders, texts[: len(encoders)], timings)
+    hidden, pooled = encode(encoders, texts[: len(encoders)], timings, syntax)
     if zeros:
         hidden = np.concatenate([np.zeros_like(hidden), hidden])
         pooled = None if pooled is None else np.concatenate([np.zeros_like(pooled), pooled])

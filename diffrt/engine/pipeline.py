@@ -287,7 +287,9 @@ class Pipeline:
         m, own = self.manifest.model, {}
         cfg = r.guidance_scale > 1.0 and m.classifier_free_guidance
         prompts = Prompts(list(r.prompts), list(r.prompt_2), r.negative_prompt, r.negative_prompt_2)
-        conditions = text_conditioning(self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, own)
+        conditions = text_conditioning(
+            self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, own, r.prompt_syntax
+        )
         if "time_ids" in self.unet_inputs:
             conditions["time_ids"] = self._time_ids(r, (r.height, r.width), cfg)
         schedule = make_schedule(r.scheduler, self.manifest.scheduler, r.num_inference_steps, start=r.refiner_at)
@@ -311,7 +313,9 @@ class Pipeline:
         # at <= 1 the unconditional half changes nothing: skip it; LCM takes guidance as an input instead
         cfg = r.guidance_scale > 1.0 and m.classifier_free_guidance
         prompts = Prompts(list(r.prompts), list(r.prompt_2), r.negative_prompt, r.negative_prompt_2)
-        conditions = text_conditioning(self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, timings)
+        conditions = text_conditioning(
+            self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, timings, r.prompt_syntax
+        )
         batch = conditions["encoder_hidden_states"].shape[0]  # (2n|n, 77, D)
         if "time_ids" in self.unet_inputs:
             conditions["time_ids"] = self._time_ids(r, (r.height, r.width), cfg)

@@ -19,6 +19,7 @@ import numpy as np
 from diffrt.bundle import Manifest
 from diffrt.engine.hires import HiresOptions, target_side
 from diffrt.engine.images import ImageLike, decode_image, init_image_array, mask_array, target_size
+from diffrt.engine.prompts import SYNTAXES
 from diffrt.engine.samplers import default_sampler, resolve_sampler
 from diffrt.engine.schedules import first_step
 from diffrt.errors import BadInput
@@ -42,6 +43,7 @@ class Request:
 
     prompt: str | Sequence[str]  # one for all images, or one per image
     negative_prompt: str | None = None  # None: the empty prompt (SDXL: zeros, as diffusers)
+    prompt_syntax: str = "a1111"  # A1111's (weights) and BREAK in prompts (diffrt.engine.prompts); "plain": off
     num_inference_steps: int | None = None  # None: the bundle's default (30 unless its manifest says otherwise)
     guidance_scale: float | None = None  # <= 1 turns classifier-free guidance off; None: the bundle's (7.5)
     scheduler: str | None = None  # short, diffusers class or A1111 name; None: the bundle's default sampler
@@ -138,6 +140,10 @@ class Request:
                 "this bundle has no VAE encoder, which image jobs need (it was exported by an older diffrt); "
                 "re-export it with `diffrt export`",
                 "image",
+            )
+        if self.prompt_syntax not in SYNTAXES:
+            raise BadInput(
+                f"prompt_syntax must be one of {', '.join(SYNTAXES)}, got {self.prompt_syntax!r}", "prompt_syntax"
             )
         if self.paste_back and self.mask_image is None:
             raise BadInput("paste_back applies to inpainting: pass mask_image", "paste_back")
@@ -247,6 +253,8 @@ class Request:
             out["job"] = "inpaint" if self.mask_image is not None else "img2img"
             if self.paste_back:
                 out["mask_blur"] = self.mask_blur
+        if self.prompt_syntax != "a1111":
+            out["prompt_syntax"] = self.prompt_syntax
         if self.refiner_at is not None:
             out["refiner_at"] = self.refiner_at
         if self.hires is not None:

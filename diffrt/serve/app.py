@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from diffrt.engine.hires import UPSCALERS, HiresOptions
 from diffrt.engine.images import parameters_text
+from diffrt.engine.prompts import SYNTAXES
 from diffrt.engine.request import REFINER_AT, Request, bundle_defaults, size_multiple, size_range
 from diffrt.engine.samplers import SAMPLERS, resolve_sampler
 from diffrt.errors import BadInput
@@ -86,6 +87,9 @@ class ImageRequest(BaseModel):
     prompt: str = Field(min_length=1, description="non-empty; over 77 tokens is truncated with a warning")
     model: str | None = Field(None, description="a served bundle's name (GET /v1/models); default: the first")
     negative_prompt: str | None = None
+    prompt_syntax: str | None = Field(
+        None, description=f"{' or '.join(SYNTAXES)}; default a1111: (word:1.3), (word), [word], BREAK"
+    )
     num_inference_steps: int | None = Field(None, ge=1, le=150, description=BUNDLE_DEFAULT)
     guidance_scale: float | None = Field(None, ge=0, le=30, allow_inf_nan=False, description=BUNDLE_DEFAULT)
     scheduler: str | None = Field(None, description=f"short, diffusers class or A1111 sampler name; {BUNDLE_DEFAULT}")
@@ -111,6 +115,13 @@ class ImageRequest(BaseModel):
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("prompt must not be blank")
+        return v
+
+    @field_validator("prompt_syntax")
+    @classmethod
+    def _syntax(cls, v: str | None) -> str | None:
+        if v is not None and v not in SYNTAXES:
+            raise ValueError(f"choose one of {', '.join(SYNTAXES)}")
         return v
 
     @field_validator("scheduler")
