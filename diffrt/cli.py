@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from diffrt.errors import BadInput, DiffrtError
+from diffrt.specs import SDShapes
 
 log = logging.getLogger("diffrt")
 
@@ -41,6 +42,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         prediction_type=args.prediction_type,
         tokenizer=args.tokenizer,
         image_range=args.image_range,
+        prompt_chunks=args.prompt_chunks,
     )
     export_bundle(args.source, args.output, upscaler=args.upscaler, opts=opts)
     return 0
@@ -313,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_image_range,
         metavar="MIN,OPT,MAX",
         help="image sides the bundle accepts (default: half to twice the native size)",
+    )
+    p.add_argument(
+        "--prompt-chunks",
+        type=int,
+        default=SDShapes.max_chunks,
+        metavar="K",
+        help=f"longest prompt the UNet takes, in chunks of 75 tokens (default {SDShapes.max_chunks}: 225 tokens); "
+        "longer prompts keep their first K chunks",
     )
     p.set_defaults(func=cmd_export)
 

@@ -73,6 +73,12 @@ class ComponentSpec:
     def dim_ranges(self) -> dict[str, DimRange]:
         return dict(self.dims)
 
+    @property
+    def max_chunks(self) -> int:
+        """Text-encoder windows the UNet's sequence may hold (1: a fixed sequence, as bundles before long prompts)."""
+        r = self.dim_ranges.get("text_chunks")
+        return r.max if r else 1
+
     def opt_dims(self) -> dict[str, int]:
         return {k: r.opt for k, r in self.dims}
 
@@ -155,6 +161,7 @@ class SDShapes:
     image_min: int
     image_max: int
     max_images: int = 4  # images per call; the UNet sees twice this with classifier-free guidance
+    max_chunks: int = 3  # longest prompt, in text-encoder windows: the UNet's sequence is max_length x 1..this
     text_hidden_2: int = 0  # SDXL: width of the second (OpenCLIP bigG) text encoder
     vocab_size_2: int = 0
     pooled_dim: int = 0  # SDXL: pooled, projected text embedding of the second encoder -> UNet `text_embeds`
@@ -209,12 +216,14 @@ def sd_specs(s: SDShapes) -> dict[str, ComponentSpec]:
         inputs=(
             TensorSpec("sample", "float32", ("batch", unet_in, "latent_height", "latent_width")),
             TensorSpec("timestep", "float32", ("batch",), "timestep"),
-            TensorSpec("encoder_hidden_states", "float32", ("batch", s.max_length, s.cross_attention_dim), steady=True),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", s.cross_attention_dim), steady=True),
             *extra,
         ),
         outputs=(TensorSpec("noise_pred", "float32", ("batch", s.unet_out_channels, "latent_height", "latent_width")),),
-        dims=(("batch", unet_batch), *spatial),
+        # long prompts: each window of the text encoder adds max_length tokens to the cross-attention sequence
+        dims=(("batch", unet_batch), *spatial, ("text_chunks", DimRange(1, 1, s.max_chunks))),
         multiples=(("latent_height", mult), ("latent_width", mult)),
+        derived=(("sequence", "text_chunks", s.max_length),),
         cfg_batched=True,
         per_step=True,
     )

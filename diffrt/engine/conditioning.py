@@ -37,30 +37,64 @@ class Prompts:
     negative: str | None
     negative_2: str | None
 
+    def texts(self, cfg: bool, zero_negative: bool) -> tuple[list[list[str]], bool]:
+        """What each encoder encodes (negative rows first with classifier-free guidance), and whether the
+        negative rows are zeros instead (no negative prompt, and the checkpoint asks for zeros)."""
+        n, zeros = len(self.prompts), cfg and zero_negative and self.negative is None
+        if not cfg or zeros:
+            return [self.prompts, self.prompts_2], zeros
+        negative = self.negative or ""
+        negative_2 = self.negative_2 or negative
+        return [[negative] * n + self.prompts, [negative_2] * n + self.prompts_2], False
+
 
 def encode(
-    encoders: list[TextEncoder], texts: list[list[str]], timings: dict[str, float], syntax: str = "a1111"
+    encoders: list[TextEncoder],
+    texts: list[list[str]],
+    timings: dict[str, float],
+    syntax: str = "a1111",
+    max_chunks: int = 1,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Hidden states of every encoder concatenated on the feature axis (B, 77, sum D), and the pooled
-    projection (B, P) of the encoder that has one (SDXL's second), else None. `syntax` "a1111" reads attention
-    weights and BREAK (diffrt.engine.prompts), each encoder weighting its own output; "plain" tokenizes the text
-    as it is. Adds to timings' "tokenizer" and "text_encoder" seconds."""
+    """Hidden states of every encoder concatenated on the feature axis (B, 77 k, sum D), and the pooled
+    projection (B, P) of the encoder that has one (SDXL's second), else None.
+
+    `syntax` "a1111" reads attention weights and BREAK (diffrt.engine.prompts) and splits a prompt into up to
+    `max_chunks` windows of 75 tokens: each window is encoded on its own and weighted by its encoder, the windows
+    are joined along the sequence (k = the most any text needs, shorter texts padded with empty windows, as
+    A1111 pads), and the pooled output is the first window's. "plain" tokenizes each text as it is into one
+    window (diffusers' truncation). Adds to timings' "tokenizer" and "text_encoder" seconds."""
+    t0 = time.perf_counter()
+    if syntax == "plain":
+        windows = [[(e.tokenizer(batch), None)] for e, batch in zip(encoders, texts)]
+    else:
+        chunked = [[e.tokenizer.chunks(text, max_chunks) for text in batch] for e, batch in zip(encoders, texts)]
+        k = max(len(c) for rows in chunked for c in rows)  # = window_count()
+        windows = [
+            [e.tokenizer.rows([c[i] if i < len(c) else prompts.EMPTY for c in rows]) for i in range(k)]
+            for e, rows in zip(encoders, chunked)
+        ]
+    timings["tokenizer"] = timings.get("tokenizer", 0.0) + time.perf_counter() - t0
     hidden, pooled = [], None
-    for encoder, batch in zip(encoders, texts):
-        t0 = time.perf_counter()
-        if syntax == "plain":
-            ids, weights = encoder.tokenizer(batch), None
-        else:
-            ids, weights = encoder.tokenizer.rows([encoder.tokenizer.chunks(text)[0] for text in batch])
-        t1 = time.perf_counter()
-        out = encoder.session.run({"input_ids": ids})
-        states = out["text_embeddings"] if weights is None else prompts.emphasize(out["text_embeddings"], weights)
-        t2 = time.perf_counter()
-        timings["tokenizer"] = timings.get("tokenizer", 0.0) + t1 - t0
-        timings["text_encoder"] = timings.get("text_encoder", 0.0) + t2 - t1
-        hidden.append(states)
-        pooled = out.get("text_embeds", pooled)
+    for encoder, per_window in zip(encoders, windows):
+        states = []
+        for i, (ids, weights) in enumerate(per_window):
+            t1 = time.perf_counter()
+            out = encoder.session.run({"input_ids": ids})
+            z = out["text_embeddings"]
+            states.append(z if weights is None else prompts.emphasize(z, weights))
+            timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
+            if i == 0:
+                pooled = out.get("text_embeds", pooled)
+        hidden.append(np.concatenate(states, axis=1) if len(states) > 1 else states[0])
     return np.concatenate(hidden, axis=-1), pooled
+
+
+def window_count(encoders: list[TextEncoder], texts: list[list[str]], syntax: str, max_chunks: int) -> int:
+    """The number of 75-token windows encode() gives these texts (the UNet's sequence is 77 times this).
+    Images of one call share it: a batcher runs prompts of different counts in separate calls."""
+    if syntax == "plain":
+        return 1
+    return max(len(e.tokenizer.chunks(t, max_chunks, quiet=True)) for e, batch in zip(encoders, texts) for t in batch)
 
 
 def text_conditioning(
@@ -70,19 +104,14 @@ def text_conditioning(
     zero_negative: bool,
     timings: dict[str, float],
     syntax: str = "a1111",
+    max_chunks: int = 1,
 ) -> dict[str, np.ndarray]:
-    """`encoder_hidden_states` (2B|B, 77, D) and, for SDXL, `text_embeds` (2B|B, P).
+    """`encoder_hidden_states` (2B|B, 77 k, D) and, for SDXL, `text_embeds` (2B|B, P); see encode().
 
     An absent negative prompt is the empty string, or zeros where the checkpoint asks for them
     (`force_zeros_for_empty_prompt`, SDXL); the second encoder's negative defaults to the first's."""
-    n = len(p.prompts)
-    zeros = cfg and zero_negative and p.negative is None
-    texts = [p.prompts, p.prompts_2]
-    if cfg and not zeros:
-        negative = p.negative or ""
-        negative_2 = p.negative_2 or negative
-        texts = [[negative] * n + p.prompts, [negative_2] * n + p.prompts_2]
-    hidden, pooled = encode(encoders, texts[: len(encoders)], timings, syntax)
+    texts, zeros = p.texts(cfg, zero_negative)
+    hidden, pooled = encode(encoders, texts[: len(encoders)], timings, syntax, max_chunks)
     if zeros:
         hidden = np.concatenate([np.zeros_like(hidden), hidden])
         pooled = None if pooled is None else np.concatenate([np.zeros_like(pooled), pooled])

@@ -24,7 +24,14 @@ import numpy as np
 
 from diffrt.bundle import TOKENIZER, TOKENIZER_2, Manifest, load_manifest
 from diffrt.engine.backends import Backend, Session, make_backend
-from diffrt.engine.conditioning import Prompts, TextEncoder, guidance_embedding, text_conditioning, time_ids
+from diffrt.engine.conditioning import (
+    Prompts,
+    TextEncoder,
+    guidance_embedding,
+    text_conditioning,
+    time_ids,
+    window_count,
+)
 from diffrt.engine.hires import resize_latents
 from diffrt.engine.images import blurred, init_image_array, to_hwc, to_pil
 from diffrt.engine.request import (
@@ -79,6 +86,7 @@ class Pipeline:
             if info is not None
         ]
         self.unet_inputs = {t.name: t for t in manifest.components["unet"].spec.inputs}
+        self.max_chunks = manifest.components["unet"].spec.max_chunks  # a prompt's 75-token windows
         self._lock = threading.Lock()
         self._warned_no_upscaler = False
         self.refiner: Pipeline | None = None  # SDXL: the model that finishes the schedule (load(refiner=))
@@ -143,6 +151,17 @@ class Pipeline:
         except BadInput as e:
             raise BadInput(str(e), "refiner_at") from None
         return r
+
+    def text_windows(self, r: Request) -> tuple[int, ...]:
+        """The 75-token windows a resolved request's prompts fill here (and in the refiner): requests share one
+        call only with equal counts, since padding a prompt with empty windows changes its picture."""
+        m = self.manifest.model
+        cfg = r.guidance_scale > 1.0 and m.classifier_free_guidance
+        texts, _ = Prompts(list(r.prompts), list(r.prompt_2), r.negative_prompt, r.negative_prompt_2).texts(
+            cfg, m.force_zeros_for_empty_prompt
+        )
+        own = window_count(self.text_encoders, texts[: len(self.text_encoders)], r.prompt_syntax, self.max_chunks)
+        return (own, *(self.refiner.text_windows(r) if self.refiner is not None else ()))
 
     def generate(self, request: Request, callback: Callable[[int, int], None] | None = None) -> PipelineOutput:
         r = self.check_request(request)
@@ -288,7 +307,7 @@ class Pipeline:
         cfg = r.guidance_scale > 1.0 and m.classifier_free_guidance
         prompts = Prompts(list(r.prompts), list(r.prompt_2), r.negative_prompt, r.negative_prompt_2)
         conditions = text_conditioning(
-            self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, own, r.prompt_syntax
+            self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, own, r.prompt_syntax, self.max_chunks
         )
         if "time_ids" in self.unet_inputs:
             conditions["time_ids"] = self._time_ids(r, (r.height, r.width), cfg)
@@ -314,9 +333,9 @@ class Pipeline:
         cfg = r.guidance_scale > 1.0 and m.classifier_free_guidance
         prompts = Prompts(list(r.prompts), list(r.prompt_2), r.negative_prompt, r.negative_prompt_2)
         conditions = text_conditioning(
-            self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, timings, r.prompt_syntax
+            self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, timings, r.prompt_syntax, self.max_chunks
         )
-        batch = conditions["encoder_hidden_states"].shape[0]  # (2n|n, 77, D)
+        batch = conditions["encoder_hidden_states"].shape[0]  # (2n|n, 77 k, D)
         if "time_ids" in self.unet_inputs:
             conditions["time_ids"] = self._time_ids(r, (r.height, r.width), cfg)
         if "timestep_cond" in self.unet_inputs:

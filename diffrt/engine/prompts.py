@@ -107,6 +107,9 @@ class Chunk:
     weights: tuple[float, ...]
 
 
+EMPTY = Chunk((), ())  # pads a shorter prompt to the batch's number of chunks: BOS, EOS, padding
+
+
 def chunk(pieces: Sequence[tuple[list[int], float] | None], comma: int | None, size: int = CHUNK_TOKENS) -> list[Chunk]:
     """A1111's chunking of tokenized fragments ((ids, weight), or None for BREAK) into chunks of `size` tokens;
     `comma` None: no comma backtrack."""
@@ -163,9 +166,8 @@ def log_dropped(chunks: list[Chunk], kept: int, decode) -> None:
     dropped = [t for c in chunks[kept:] for t in c.tokens]
     if dropped:
         log.warning(
-            "prompt is %d chunks of %d tokens; this bundle takes %d: dropped %d tokens: %r",
+            "prompt needs %d chunks; this bundle takes %d (export --prompt-chunks sets it): dropped %d tokens: %r",
             len(chunks),
-            max(len(c.tokens) for c in chunks),
             kept,
             len(dropped),
             describe(dropped, decode),

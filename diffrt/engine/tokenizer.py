@@ -40,15 +40,17 @@ class ClipTokenizer:
             row[: len(tokens)] = tokens
         return ids
 
-    def chunks(self, prompt: str, max_chunks: int = 1) -> list[syntax.Chunk]:
-        """A prompt in A1111's syntax as at most `max_chunks` weighted chunks (warning about what is dropped).
-        With one chunk allowed there is no comma backtrack: the first 75 tokens are kept, as diffusers keeps."""
+    def chunks(self, prompt: str, max_chunks: int = 1, quiet: bool = False) -> list[syntax.Chunk]:
+        """A prompt in A1111's syntax as at most `max_chunks` weighted chunks (warning about what is dropped,
+        unless `quiet`). With one chunk allowed there is no comma backtrack: the first 75 tokens are kept, as
+        diffusers keeps."""
         parsed = syntax.parse(prompt)
         texts = [f[0] for f in parsed if f is not None]
         encoded = iter(self._tok.encode_batch(texts, add_special_tokens=False)) if texts else iter(())
         pieces = [None if f is None else (next(encoded).ids, f[1]) for f in parsed]
         out = syntax.chunk(pieces, self.comma_id if max_chunks > 1 else None, self.info.max_length - 2)
-        syntax.log_dropped(out, max_chunks, self._tok.decode)
+        if not quiet:
+            syntax.log_dropped(out, max_chunks, self._tok.decode)
         return out[:max_chunks]
 
     @property

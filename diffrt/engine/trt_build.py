@@ -113,6 +113,8 @@ def dim_ranges(spec: ComponentSpec, options: BuildOptions, model: ModelInfo) -> 
             out[dim] = _batch_range(spec, r, options, model)
         elif dim in ("latent_height", "latent_width"):
             out[dim] = _latent_range(spec, dim, r, options, model)
+        elif dim == "text_chunks":  # every prompt length in every plan: a long prompt never needs another build
+            out[dim] = r
         else:
             out[dim] = r if options.profile == "dynamic" else DimRange(r.opt, r.opt, r.opt)
     return out

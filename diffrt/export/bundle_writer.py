@@ -28,6 +28,7 @@ from diffrt.specs import SDShapes, sd_specs, upscaler_spec
 
 log = logging.getLogger("diffrt.export")
 UPSCALER_TILE, UPSCALER_OVERLAP = 128, 16
+MAX_PROMPT_CHUNKS = 8  # 616 tokens of cross-attention: past A1111's usual prompts, and a bounded TensorRT profile
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ExportOptions:
     prediction_type: str | None = None  # override the checkpoint's scheduler (single files do not say)
     tokenizer: Path | None = None  # tokenizer folder for single-file checkpoints
     image_range: tuple[int, int, int] | None = None  # (min, opt, max) image side; default from the checkpoint
+    prompt_chunks: int = SDShapes.max_chunks  # longest prompt the UNet takes, in 75-token chunks
     defaults: dict | None = None  # generation defaults recorded in the manifest (see Manifest.defaults)
 
 
@@ -50,7 +52,12 @@ def stage(name: str) -> Iterator[None]:
     log.info("%s done in %.1f s", name, time.perf_counter() - start)
 
 
-def sd_shapes(ckpt: Checkpoint, max_length: int, image_range: tuple[int, int, int] | None) -> SDShapes:
+def sd_shapes(
+    ckpt: Checkpoint,
+    max_length: int,
+    image_range: tuple[int, int, int] | None,
+    prompt_chunks: int = SDShapes.max_chunks,
+) -> SDShapes:
     unet, vae = ckpt.unet.config, ckpt.vae.config
     te = ckpt.text_encoder.config if ckpt.text_encoder is not None else None  # None: the SDXL refiner
     te2 = ckpt.text_encoder_2.config if ckpt.text_encoder_2 is not None else None
@@ -93,6 +100,7 @@ def sd_shapes(ckpt: Checkpoint, max_length: int, image_range: tuple[int, int, in
         time_ids=time_ids,
         time_cond_dim=unet.time_cond_proj_dim or 0,
         unet_in_channels=unet.in_channels,
+        max_chunks=prompt_chunks,
     )
 
 
@@ -146,6 +154,8 @@ def export_bundle(
     if out.exists() and not opts.force:
         raise BadInput(f"{out} already exists; pass --force to replace it or choose another -o")
     check_source(source)
+    if not 1 <= opts.prompt_chunks <= MAX_PROMPT_CHUNKS:
+        raise BadInput(f"--prompt-chunks {opts.prompt_chunks} must be 1 to {MAX_PROMPT_CHUNKS} (75 tokens each)")
     if upscaler is not None and not Path(upscaler).is_file():
         raise BadInput(f"upscaler {upscaler} does not exist; pass a .pth or .safetensors ESRGAN-family file")
     loaded_upscaler = None
@@ -187,7 +197,7 @@ def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Export
             tokenizer = export_tokenizer(ckpt.tokenizer_dir, (tmp / TOKENIZER).parent)
         if ckpt.tokenizer_2_dir is not None:
             tokenizer_2 = export_tokenizer(ckpt.tokenizer_2_dir, (tmp / TOKENIZER_2).parent)
-    shapes = sd_shapes(ckpt, (tokenizer or tokenizer_2).max_length, opts.image_range)
+    shapes = sd_shapes(ckpt, (tokenizer or tokenizer_2).max_length, opts.image_range, opts.prompt_chunks)
     specs = sd_specs(shapes)
     upcast = bool(getattr(ckpt.unet.config, "upcast_attention", False))
     xl = ckpt.text_encoder_2 is not None

@@ -28,20 +28,23 @@ class Check:
     def row(self) -> str:
         verdict = "ok" if self.passed else "FAIL"
         return (
-            f"{self.component:<30} {self.precision:<5} {self.shape:<44} {self.max_abs_error:>11.3e} "
+            f"{self.component:<30} {self.precision:<5} {self.shape:<60} {self.max_abs_error:>11.3e} "
             f"{self.cosine:>10.6f}  {verdict}"
         )
 
 
-HEADER = f"{'component':<30} {'prec':<5} {'shape':<44} {'max abs err':>11} {'cosine':>10}  result"
+HEADER = f"{'component':<30} {'prec':<5} {'shape':<60} {'max abs err':>11} {'cosine':>10}  result"
 
 
 def validation_dims(spec: ComponentSpec) -> list[dict[str, int]]:
-    """The opt shape and one more: non-square where the spec has two spatial dims, else another batch."""
+    """The opt shape and one more: non-square where the spec has two spatial dims, else another batch, and the
+    longest prompt where the spec takes several text chunks."""
     opt = spec.opt_dims()
     ranges, multiples = spec.dim_ranges, dict(spec.multiples)
     other = dict(opt)
-    spatial = [d for d in opt if d != "batch"]
+    if "text_chunks" in opt:
+        other["text_chunks"] = ranges["text_chunks"].max
+    spatial = [d for d in opt if d not in ("batch", "text_chunks")]
     if len(spatial) == 2:
         d = spatial[1]
         step = multiples.get(d, 1)

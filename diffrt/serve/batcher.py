@@ -259,6 +259,14 @@ class Batcher:
 
     def _run_group(self, group: list[Request], model: str | None) -> list[JobResult]:
         pipe = self.pool.pipeline(model) if self.pool is not None else self.pipeline
+        if len(group) > 1:  # prompts of different lengths (75-token windows) take calls of their own
+            windows = [pipe.text_windows(r) for r in group]
+            if len(set(windows)) > 1:
+                results: dict[int, JobResult] = {}
+                for w in dict.fromkeys(windows):
+                    part = [i for i, x in enumerate(windows) if x == w]
+                    results.update(zip(part, self._run_group([group[i] for i in part], model)))
+                return [results[i] for i in range(len(group))]
         self.progress.begin(lambda: getattr(pipe, "latest_sample", None))
         try:
             out = pipe.generate(combine(group), callback=self.progress.step)

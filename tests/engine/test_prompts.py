@@ -135,25 +135,61 @@ def reference_parse(text: str) -> list[tuple[str, float]]:
     return runs or [("", 1.0)]
 
 
-def reference_embeds(tokenizer, encoder, text: str, hidden_layer: int | None):
-    """(1, 77, D) weighted hidden states and the (1, P) pooled output, as A1111 computes them for one chunk."""
-    ids, weights = [], []
+def reference_chunks(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
+    """A1111's chunking, token by token: 75 per chunk; when a chunk is full and the next token is not a comma,
+    everything after the chunk's last comma moves on to the next chunk if that comma is at most 20 back."""
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
     for part, w in reference_parse(text):
-        part_ids = tokenizer(part, add_special_tokens=False).input_ids
-        ids += part_ids
-        weights += [w] * len(part_ids)
-    ids, weights = ids[:75], weights[:75]
+        for token in tokenizer(part, add_special_tokens=False).input_ids:
+            if token == comma:
+                last_comma = len(ids)
+            elif len(ids) == 75 and last_comma != -1 and 75 - last_comma <= 20:
+                cut = last_comma + 1
+                chunks.append((ids[:cut], weights[:cut]))
+                ids, weights, last_comma = ids[cut:], weights[cut:], -1
+            if len(ids) == 75:
+                chunks.append((ids, weights))
+                ids, weights, last_comma = [], [], -1
+            ids.append(token)
+            weights.append(w)
+    if ids or not chunks:
+        chunks.append((ids, weights))
+    return chunks
+
+
+def reference_embeds(tokenizer, encoder, text: str, hidden_layer: int | None, windows: int = 1):
+    """(1, 77 k, D) weighted hidden states and the (1, P) pooled output of the first chunk, as A1111 computes
+    them: each chunk encoded on its own, weighted, its mean restored; at most `windows` chunks (one: the first
+    75 tokens, as diffusers truncates), fewer padded with empty chunks to `windows`."""
+    if windows > 1:
+        chunks = reference_chunks(tokenizer, text)
+    else:  # no comma backtrack when one chunk is all there is
+        ids, weights = [], []
+        for part, w in reference_parse(text):
+            part_ids = tokenizer(part, add_special_tokens=False).input_ids
+            ids += part_ids
+            weights += [w] * len(part_ids)
+        chunks = [(ids[:75], weights[:75])]
+    chunks = (chunks + [([], [])] * windows)[:windows]
     n = tokenizer.model_max_length
-    row = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
-    row += [tokenizer.pad_token_id] * (n - len(row))
-    w = torch.tensor([1.0, *weights] + [1.0] * (n - len(weights) - 1))
-    with torch.no_grad():
-        out = encoder(torch.tensor([row]), output_hidden_states=hidden_layer is not None)
-    z = out.last_hidden_state if hidden_layer is None else out.hidden_states[hidden_layer]
-    mean = z.mean()
-    z = z * w[None, :, None]
-    z = z * (mean / z.mean())
-    return z, getattr(out, "text_embeds", None)
+    states, pooled = [], None
+    for ids, weights in chunks:
+        row = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+        row += [tokenizer.pad_token_id] * (n - len(row))
+        w = torch.tensor([1.0, *weights] + [1.0] * (n - len(weights) - 1))
+        with torch.no_grad():
+            out = encoder(torch.tensor([row]), output_hidden_states=hidden_layer is not None)
+        z = out.last_hidden_state if hidden_layer is None else out.hidden_states[hidden_layer]
+        mean = z.mean()
+        z = z * w[None, :, None]
+        states.append(z * (mean / z.mean()))
+        if pooled is None:
+            pooled = getattr(out, "text_embeds", None)
+    return torch.cat(states, dim=1), pooled
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +299,106 @@ def test_sdxl_weighted_prompt_matches_diffusers_fed_the_reference_embeds(sdxl_bu
     assert np.abs(mine - theirs).max() <= TOL
     plain = ours(xl, WEIGHTED, NEGATIVE, z, guidance_scale=5.0, prompt_syntax="plain")
     assert np.abs(plain - theirs).max() > 5 * TOL
+
+
+# About 200 tokens with commas every few words, so that chunks end by A1111's comma backtrack, and weights in
+# every chunk: what people paste from model pages
+LONG = ", ".join(f"w{i} {'(cute:1.3)' if i % 5 == 0 else 'red'} narwhal" for i in range(35)) + ", [blue] photo"
+
+
+def test_long_prompts_chunk_as_a1111_chunks(sd1, sd1_reference):
+    mine = sd1.text_encoders[0].tokenizer.chunks(LONG, 3)
+    ref = reference_chunks(sd1_reference.tokenizer, LONG)
+    assert len(ref) == 3 and sum(len(ids) for ids, _ in ref) >= 195
+    assert len(ref[0][0]) < 75  # the first chunk ended at a comma
+    assert [list(c.tokens) for c in mine] == [ids for ids, _ in ref]
+    for c, (_, weights) in zip(mine, ref):
+        np.testing.assert_allclose(c.weights, weights, rtol=1e-12)
+
+
+def test_sd1_long_prompt_keeps_its_tail_and_matches_diffusers_fed_the_reference(sd1, sd1_reference):
+    """All three chunks reach the UNet (77 x 3 tokens), the one-chunk negative padded with empty chunks."""
+    ref = sd1_reference
+    z = latents()
+
+    def theirs(windows):
+        cond, _ = reference_embeds(ref.tokenizer, ref.text_encoder, LONG, None, windows)
+        uncond, _ = reference_embeds(ref.tokenizer, ref.text_encoder, NEGATIVE, None, windows)
+        return ref(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            num_inference_steps=STEPS,
+            latents=torch.from_numpy(z.copy()),
+            height=64,
+            width=64,
+            output_type="np",
+        ).images[0]
+
+    assert sd1.max_chunks == 3
+    mine = ours(sd1, LONG, NEGATIVE, z)
+    assert np.abs(mine - theirs(3)).max() <= TOL
+    assert np.abs(mine - theirs(1)).max() > 5 * TOL  # what truncating at 75 tokens draws
+    assert np.abs(mine - theirs(2)).max() > 2 * TOL  # the last chunk counts too
+
+
+def test_sdxl_long_prompt_matches_diffusers_fed_the_reference(sdxl_bundle, sdxl_folder):
+    """Both encoders chunk alike; the pooled projection is the first chunk's (A1111)."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    z = latents()
+
+    def both(text, windows):
+        h1, _ = reference_embeds(ref.tokenizer, ref.text_encoder, text, -2, windows)
+        h2, pooled = reference_embeds(ref.tokenizer_2, ref.text_encoder_2, text, -2, windows)
+        return torch.cat([h1, h2], dim=-1), pooled
+
+    def theirs(windows):
+        cond, pooled = both(LONG, windows)
+        uncond, neg_pooled = both(NEGATIVE, windows)
+        return ref(
+            prompt_embeds=cond,
+            pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=uncond,
+            negative_pooled_prompt_embeds=neg_pooled,
+            num_inference_steps=STEPS,
+            guidance_scale=5.0,
+            latents=torch.from_numpy(z.copy()),
+            height=64,
+            width=64,
+            output_type="np",
+        ).images[0]
+
+    xl = Pipeline.load(sdxl_bundle, backend="ort-cpu")
+    mine = ours(xl, LONG, NEGATIVE, z, guidance_scale=5.0)
+    assert np.abs(mine - theirs(3)).max() <= TOL
+    assert np.abs(mine - theirs(1)).max() > 5 * TOL
+
+
+def test_prompts_past_the_bundles_chunks_keep_the_first_ones_and_say_so(sd1, caplog):
+    tok = sd1.text_encoders[0].tokenizer
+    with caplog.at_level(logging.WARNING, logger="diffrt.engine.prompts"):
+        kept = tok.chunks(LONG + ", " + LONG, 3)
+    assert len(kept) == 3 and "this bundle takes 3" in caplog.text
+    caplog.clear()
+    assert tok.chunks(LONG + ", " + LONG, 3, quiet=True) == kept and not caplog.text
+
+
+def test_bundles_from_before_long_prompts_take_one_chunk(sd1):
+    """A manifest whose UNet sequence is a fixed 77 (no text_chunks dim) reads as one chunk."""
+    from diffrt.specs import ComponentSpec
+
+    d = sd1.manifest.components["unet"].spec.to_dict()
+    d["dims"] = [dim for dim in d["dims"] if dim[0] != "text_chunks"]
+    d["derived"] = []
+    for t in d["inputs"]:
+        t["shape"] = [77 if x == "sequence" else x for x in t["shape"]]
+    old = ComponentSpec.from_dict(d)
+    dims = {"batch": 2, "latent_height": 8, "latent_width": 8}
+    shapes = {t.name: old.shape(t, dims) for t in old.inputs}
+    assert old.max_chunks == 1 and old.dims_of(shapes) == dims and shapes["encoder_hidden_states"][1] == 77
 
 
 def test_a_bundle_of_one_chunk_keeps_the_first_75_tokens_and_says_what_it_drops(sd1, caplog):

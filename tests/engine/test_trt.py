@@ -56,7 +56,7 @@ def test_static_profile_is_native_size_one_image_with_guidance(specs):
     assert unet == {
         "sample": ((2, 4, 64, 64),) * 3,
         "timestep": ((2,),) * 3,
-        "encoder_hidden_states": ((2, 77, 768),) * 3,
+        "encoder_hidden_states": ((2, 77, 768), (2, 77, 768), (2, 3 * 77, 768)),  # 1 to 3 prompt chunks
     }
     assert profile_shapes(specs["text_encoder"], BuildOptions(), MODEL) == {"input_ids": ((2, 77),) * 3}
     assert profile_shapes(specs["vae_decoder"], BuildOptions(), MODEL) == {"latent": ((1, 4, 64, 64),) * 3}
@@ -71,6 +71,14 @@ def test_static_profile_follows_size_batch_and_guidance(specs):
     no_cfg = dataclasses.replace(opts, guidance=False)
     assert profile_shapes(specs["unet"], no_cfg, MODEL)["sample"] == ((3, 4, 96, 64),) * 3
     assert profile_shapes(specs["text_encoder"], no_cfg, MODEL)["input_ids"] == ((3, 77),) * 3
+
+
+def test_every_profile_spans_the_prompt_chunks(specs):
+    """Long prompts lengthen the UNet's text sequence (77 per chunk): static and dynamic plans both take 1 to 3."""
+    for opts in (BuildOptions(), BuildOptions(profile="dynamic")):
+        lo, _, hi = profile_shapes(specs["unet"], opts, MODEL)["encoder_hidden_states"]
+        assert (lo[1], hi[1]) == (77, 3 * 77)
+    assert profile_shapes(specs["unet"], BuildOptions(), MODEL)["encoder_hidden_states"][1] == (2, 77, 768)
 
 
 def test_dynamic_profile_is_the_spec_ranges(specs):

@@ -26,7 +26,7 @@ def test_sdxl_static_profile_has_the_added_conditions_at_the_guided_batch():
     assert unet == {
         "sample": ((2, 4, 128, 128),) * 3,
         "timestep": ((2,),) * 3,
-        "encoder_hidden_states": ((2, 77, 2048),) * 3,
+        "encoder_hidden_states": ((2, 77, 2048), (2, 77, 2048), (2, 3 * 77, 2048)),
         "text_embeds": ((2, 1280),) * 3,
         "time_ids": ((2, 6),) * 3,
     }

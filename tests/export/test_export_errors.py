@@ -108,6 +108,14 @@ def test_upscaler_that_is_not_recognised(capsys, sd1_folder, tmp_path):
     assert_clean_failure(*run_export(capsys, sd1_folder, "-o", out, "--upscaler", junk), out, "upscaler")
 
 
+@pytest.mark.parametrize("k", ["0", "9"])
+def test_prompt_chunks_out_of_range(capsys, sd1_folder, tmp_path, k):
+    out = tmp_path / "b"
+    assert_clean_failure(
+        *run_export(capsys, sd1_folder, "-o", out, "--prompt-chunks", k), out, "--prompt-chunks", "1 to 8"
+    )
+
+
 def test_existing_output_without_force(capsys, sd1_folder, tmp_path):
     out = tmp_path / "b"
     out.mkdir()

@@ -232,6 +232,32 @@ def test_batched_results_equal_single_results(pipe):
         assert np.abs(got - want).max() <= 2  # batch-size dependent kernels may differ in the last bits
 
 
+def test_prompts_of_different_lengths_queue_together_but_run_apart(pipe):
+    """A 75-token prompt and a 150-token one: padding the short one to two chunks would change its picture, so
+    the batcher runs one call per length; each image is the one it gives alone."""
+    app, gated = make_app(pipe, batch_wait_ms=50)
+    long = ", ".join(f"w{i} red cat" for i in range(20))  # two chunks of the bundle's three
+    reqs = [{"prompt": p, "seed": 7, **FAST, "guidance_scale": 5.0} for p in ("a cute narwhal", long, "red cat")]
+    assert [len(pipe.text_encoders[0].tokenizer.chunks(r["prompt"], 3)) for r in reqs] == [1, 2, 1]
+
+    async def fn(c):
+        gated.hold()
+        blocker = asyncio.create_task(c.post("/v1/images", json={"prompt": "blocker", **FAST}))
+        await _wait_for(lambda: asyncio.to_thread(gated.entered.is_set), "the blocker")
+        tasks = [asyncio.create_task(c.post("/v1/images", json=r, headers={"Accept": "image/png"})) for r in reqs]
+        await _wait_for(lambda: _depth_is(c, 3), "three queued")
+        gated.gate.set()
+        answers = await asyncio.gather(blocker, *tasks)
+        assert all(a.status_code == 200 for a in answers)
+        assert [a.headers["x-batch-images"] for a in answers[1:]] == ["2", "1", "2"]
+        assert gated.prompts[-2:] == [[reqs[0]["prompt"], reqs[2]["prompt"]], [long]]
+        return [np.asarray(decode_png(a.content), dtype=np.int16) for a in answers[1:]]
+
+    for r, got in zip(reqs, run_with_client(app, fn)):
+        alone = pipe(r["prompt"], num_inference_steps=3, scheduler="euler", guidance_scale=5.0, seed=7)
+        assert np.abs(got - np.asarray(alone.images[0], dtype=np.int16)).max() <= 2
+
+
 async def _depth_is(c, n: int) -> bool:
     return metric((await c.get("/metrics")).text, "diffrt_queue_depth") == n
 
