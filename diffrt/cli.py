@@ -109,6 +109,7 @@ def request_from_args(args: argparse.Namespace):
     fields = {
         "negative_prompt": args.negative,
         "prompt_syntax": args.prompt_syntax,
+        "clip_skip": args.clip_skip,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
         "scheduler": args.scheduler,
@@ -202,6 +203,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         upscale=not args.no_upscale,
         threads=args.threads,
         hires=hires_from_args(args),
+        prompt=args.prompt or BenchSettings.prompt,
+        prompt_syntax=args.prompt_syntax or BenchSettings.prompt_syntax,
+        clip_skip=args.clip_skip,
     )
     bar = tqdm(total=args.warmup + args.runs, desc="bench", unit="run", disable=args.quiet, leave=False)
     report = run_bench(args.bundle, settings, progress=lambda: bar.update(1))
@@ -342,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a1111 (default): (word:1.3), (word), [word], BREAK as A1111 reads them; plain: the text as it is",
     )
     p.add_argument(
+        "--clip-skip",
+        type=int,
+        metavar="N",
+        help="A1111's Clip skip: 1 the text encoder's last layer (default), 2 the one before, ... "
+        "(diffusers' clip_skip is N - 1)",
+    )
+    p.add_argument(
         "--steps",
         type=int,
         help=f"sampling steps (default: the bundle's, {DEFAULT_STEPS}; demo: {demo['num_inference_steps']})",
@@ -409,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="images per call")
     p.add_argument("--scheduler", help="sampler (default: the bundle's)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the bundle's)")
+    p.add_argument("--prompt", help="the prompt to time (a long one times the UNet on several 77-token chunks)")
+    p.add_argument("--prompt-syntax", choices=SYNTAXES, help="a1111 (default) or plain")
+    p.add_argument("--clip-skip", type=int, metavar="N", help="A1111's Clip skip (default: the bundle's, 1)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--no-upscale", action="store_true")

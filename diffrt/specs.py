@@ -15,6 +15,7 @@ import numpy as np
 from diffrt.errors import BadInput
 
 Dim = int | str  # a fixed size, or the name of a symbolic dim
+MAX_CLIP_SKIP = 12  # A1111's "Clip skip" goes from 1 (the usual layer) to 12
 Sample = Literal["normal", "uniform", "timestep", "tokens", "size"]
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder", "upscaler")
 
@@ -168,19 +169,24 @@ class SDShapes:
     time_ids: int = 0  # SDXL: micro-conditioning numbers (original size, crop top-left, target size) = 6
     time_cond_dim: int = 0  # LCM: width of the guidance-scale embedding -> UNet `timestep_cond`
     unet_in_channels: int = 0  # 0: latent_channels; inpainting UNets take latents + mask + masked latents (9)
+    clip_skips: int = 0  # layers a text encoder can stop early by (`clip_skip` input 0 .. this - 1; 0: no input)
+    clip_skips_2: int = 0
 
     @property
     def cross_attention_dim(self) -> int:
         return self.text_hidden + self.text_hidden_2
 
 
-def _text_encoder_spec(name: str, vocab: int, s: SDShapes, hidden: int, pooled: int) -> ComponentSpec:
+def _text_encoder_spec(name: str, vocab: int, s: SDShapes, hidden: int, pooled: int, skips: int) -> ComponentSpec:
     outputs = (TensorSpec("text_embeddings", "float32", ("batch", s.max_length, hidden)),)
     if pooled:
         outputs += (TensorSpec("text_embeds", "float32", ("batch", pooled)),)
+    inputs = (TensorSpec("input_ids", "int32", ("batch", s.max_length), "tokens", vocab),)
+    if skips:  # how many layers before the usual one the hidden states come from (diffusers' clip_skip)
+        inputs += (TensorSpec("clip_skip", "int32", (1,), "tokens", skips),)
     return ComponentSpec(
         name=name,
-        inputs=(TensorSpec("input_ids", "int32", ("batch", s.max_length), "tokens", vocab),),
+        inputs=inputs,
         outputs=outputs,
         dims=(("batch", DimRange(1, 2, 2 * s.max_images)),),
         cfg_batched=True,
@@ -207,9 +213,11 @@ def sd_specs(s: SDShapes) -> dict[str, ComponentSpec]:
     )
     specs = {}
     if s.text_hidden:  # absent in the SDXL refiner, which the second encoder alone conditions
-        specs["text_encoder"] = _text_encoder_spec("text_encoder", s.vocab_size, s, s.text_hidden, 0)
+        specs["text_encoder"] = _text_encoder_spec("text_encoder", s.vocab_size, s, s.text_hidden, 0, s.clip_skips)
     if s.text_hidden_2:
-        specs["text_encoder_2"] = _text_encoder_spec("text_encoder_2", s.vocab_size_2, s, s.text_hidden_2, s.pooled_dim)
+        specs["text_encoder_2"] = _text_encoder_spec(
+            "text_encoder_2", s.vocab_size_2, s, s.text_hidden_2, s.pooled_dim, s.clip_skips_2
+        )
     unet_in = s.unet_in_channels or s.latent_channels
     specs["unet"] = ComponentSpec(
         name="unet",

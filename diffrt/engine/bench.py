@@ -34,6 +34,9 @@ class BenchSettings:
     upscale: bool = True
     threads: int = 0  # ort-cpu intra-op threads, 0 = all cores
     hires: HiresOptions | None = None  # a second pass (hires fix): its stages are reported as hires_*
+    prompt: str = PROMPT  # a long one measures the UNet on several 77-token chunks
+    prompt_syntax: str = "a1111"
+    clip_skip: int | None = None
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -75,7 +78,9 @@ def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
     pipe = Pipeline.load(bundle, backend=s.backend, threads=s.threads)
     load_s = time.perf_counter() - t0
     request = Request(
-        PROMPT,
+        s.prompt,
+        prompt_syntax=s.prompt_syntax,
+        clip_skip=s.clip_skip,
         num_inference_steps=s.steps,
         guidance_scale=s.guidance_scale,
         scheduler=s.scheduler,

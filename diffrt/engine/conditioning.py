@@ -26,6 +26,12 @@ Size = tuple[int, int]  # (height, width) or (top, left), in pixels
 class TextEncoder:
     tokenizer: ClipTokenizer
     session: Session
+    clip_skips: int = 0  # A1111 clip skip values 1 .. this the graph takes (its `clip_skip` input); 0: no input
+
+    def feeds(self, ids: np.ndarray, clip_skip: int) -> dict[str, np.ndarray]:
+        if not self.clip_skips:
+            return {"input_ids": ids}
+        return {"input_ids": ids, "clip_skip": np.array([clip_skip - 1], np.int32)}
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ def encode(
     timings: dict[str, float],
     syntax: str = "a1111",
     max_chunks: int = 1,
+    clip_skip: int = 1,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Hidden states of every encoder concatenated on the feature axis (B, 77 k, sum D), and the pooled
     projection (B, P) of the encoder that has one (SDXL's second), else None.
@@ -62,7 +69,9 @@ def encode(
     `max_chunks` windows of 75 tokens: each window is encoded on its own and weighted by its encoder, the windows
     are joined along the sequence (k = the most any text needs, shorter texts padded with empty windows, as
     A1111 pads), and the pooled output is the first window's. "plain" tokenizes each text as it is into one
-    window (diffusers' truncation). Adds to timings' "tokenizer" and "text_encoder" seconds."""
+    window (diffusers' truncation). `clip_skip` (A1111's numbering, 1: the usual layer) takes each encoder's
+    hidden states that many layers before its output, less one. Adds to timings' "tokenizer" and "text_encoder"
+    seconds."""
     t0 = time.perf_counter()
     if syntax == "plain":
         windows = [[(e.tokenizer(batch), None)] for e, batch in zip(encoders, texts)]
@@ -79,7 +88,7 @@ def encode(
         states = []
         for i, (ids, weights) in enumerate(per_window):
             t1 = time.perf_counter()
-            out = encoder.session.run({"input_ids": ids})
+            out = encoder.session.run(encoder.feeds(ids, clip_skip))
             z = out["text_embeddings"]
             states.append(z if weights is None else prompts.emphasize(z, weights))
             timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
@@ -105,13 +114,14 @@ def text_conditioning(
     timings: dict[str, float],
     syntax: str = "a1111",
     max_chunks: int = 1,
+    clip_skip: int = 1,
 ) -> dict[str, np.ndarray]:
     """`encoder_hidden_states` (2B|B, 77 k, D) and, for SDXL, `text_embeds` (2B|B, P); see encode().
 
     An absent negative prompt is the empty string, or zeros where the checkpoint asks for them
     (`force_zeros_for_empty_prompt`, SDXL); the second encoder's negative defaults to the first's."""
     texts, zeros = p.texts(cfg, zero_negative)
-    hidden, pooled = encode(encoders, texts[: len(encoders)], timings, syntax, max_chunks)
+    hidden, pooled = encode(encoders, texts[: len(encoders)], timings, syntax, max_chunks, clip_skip)
     if zeros:
         hidden = np.concatenate([np.zeros_like(hidden), hidden])
         pooled = None if pooled is None else np.concatenate([np.zeros_like(pooled), pooled])

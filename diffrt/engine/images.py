@@ -61,6 +61,8 @@ def parameters_text(prompt: str, negative_prompt: str | None, p: dict, index: in
     ]
     if p.get("model_hash"):
         fields.append(f"Model hash: {p['model_hash'][:10]}")
+    if p.get("clip_skip", 1) != 1:  # A1111 writes it only when it is not 1
+        fields.append(f"Clip skip: {p['clip_skip']}")
     if p.get("strength") is not None:
         fields.append(f"Denoising strength: {p['strength']:g}")
         fields.append(f"Init image hash: {p['init_image_sha256'][:10]}")

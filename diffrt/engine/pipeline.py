@@ -39,6 +39,7 @@ from diffrt.engine.request import (
     Request,
     bundle_defaults,
     check_size,
+    clip_skips,
     hires_size,
     strength_in_schedule,
 )
@@ -78,7 +79,7 @@ class Pipeline:
         # in order: the first encoder takes `prompt`, the next `prompt_2` (SDXL); the SDXL refiner has only
         # the second encoder, which then takes `prompt`, as diffusers' refiner pipeline pairs them
         self.text_encoders = [
-            TextEncoder(ClipTokenizer(bundle / rel, info), self.sessions[name])
+            TextEncoder(ClipTokenizer(bundle / rel, info), self.sessions[name], clip_skips(manifest, name))
             for name, rel, info in (
                 ("text_encoder", TOKENIZER, manifest.tokenizer),
                 ("text_encoder_2", TOKENIZER_2, manifest.tokenizer_2),
@@ -307,7 +308,14 @@ class Pipeline:
         cfg = r.guidance_scale > 1.0 and m.classifier_free_guidance
         prompts = Prompts(list(r.prompts), list(r.prompt_2), r.negative_prompt, r.negative_prompt_2)
         conditions = text_conditioning(
-            self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, own, r.prompt_syntax, self.max_chunks
+            self.text_encoders,
+            prompts,
+            cfg,
+            m.force_zeros_for_empty_prompt,
+            own,
+            r.prompt_syntax,
+            self.max_chunks,
+            r.clip_skip,
         )
         if "time_ids" in self.unet_inputs:
             conditions["time_ids"] = self._time_ids(r, (r.height, r.width), cfg)
@@ -333,7 +341,14 @@ class Pipeline:
         cfg = r.guidance_scale > 1.0 and m.classifier_free_guidance
         prompts = Prompts(list(r.prompts), list(r.prompt_2), r.negative_prompt, r.negative_prompt_2)
         conditions = text_conditioning(
-            self.text_encoders, prompts, cfg, m.force_zeros_for_empty_prompt, timings, r.prompt_syntax, self.max_chunks
+            self.text_encoders,
+            prompts,
+            cfg,
+            m.force_zeros_for_empty_prompt,
+            timings,
+            r.prompt_syntax,
+            self.max_chunks,
+            r.clip_skip,
         )
         batch = conditions["encoder_hidden_states"].shape[0]  # (2n|n, 77 k, D)
         if "time_ids" in self.unet_inputs:

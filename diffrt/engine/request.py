@@ -44,6 +44,7 @@ class Request:
     prompt: str | Sequence[str]  # one for all images, or one per image
     negative_prompt: str | None = None  # None: the empty prompt (SDXL: zeros, as diffusers)
     prompt_syntax: str = "a1111"  # A1111's (weights) and BREAK in prompts (diffrt.engine.prompts); "plain": off
+    clip_skip: int | None = None  # A1111's "Clip skip": 1 the usual layer, 2 the one before (diffusers' clip_skip=1)
     num_inference_steps: int | None = None  # None: the bundle's default (30 unless its manifest says otherwise)
     guidance_scale: float | None = None  # <= 1 turns classifier-free guidance off; None: the bundle's (7.5)
     scheduler: str | None = None  # short, diffusers class or A1111 name; None: the bundle's default sampler
@@ -145,6 +146,11 @@ class Request:
             raise BadInput(
                 f"prompt_syntax must be one of {', '.join(SYNTAXES)}, got {self.prompt_syntax!r}", "prompt_syntax"
             )
+        clip_skip = _int(self.clip_skip, "clip_skip", 1, default=defaults["clip_skip"])
+        if clip_skip > max_clip_skip(manifest):
+            most = max_clip_skip(manifest)
+            fix = "it was exported before clip skip: re-export it" if most == 1 else f"use 1 to {most}"
+            raise BadInput(f"clip_skip={clip_skip} is more than this bundle's text encoders take; {fix}", "clip_skip")
         if self.paste_back and self.mask_image is None:
             raise BadInput("paste_back applies to inpainting: pass mask_image", "paste_back")
         blur = _int(self.mask_blur, "mask_blur", 0)
@@ -228,6 +234,7 @@ class Request:
             mask_image=mask,
             strength=strength,
             mask_blur=blur,
+            clip_skip=clip_skip,
             hires=hires,
             image_sha256=sha,
             **sizes,
@@ -255,6 +262,8 @@ class Request:
                 out["mask_blur"] = self.mask_blur
         if self.prompt_syntax != "a1111":
             out["prompt_syntax"] = self.prompt_syntax
+        if self.clip_skip != 1:
+            out["clip_skip"] = self.clip_skip
         if self.refiner_at is not None:
             out["refiner_at"] = self.refiner_at
         if self.hires is not None:
@@ -264,11 +273,23 @@ class Request:
 
 
 def bundle_defaults(manifest: Manifest) -> dict[str, Any]:
-    """num_inference_steps, guidance_scale and scheduler when a request leaves them out: the manifest's own
-    `defaults` over diffrt's; the sampler of the checkpoint's scheduler for distilled models (default_sampler)."""
-    out = {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE, **manifest.defaults}
+    """num_inference_steps, guidance_scale, clip_skip and scheduler when a request leaves them out: the manifest's
+    own `defaults` over diffrt's; the sampler of the checkpoint's scheduler for distilled models (default_sampler)."""
+    out = {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE, "clip_skip": 1}
+    out.update(manifest.defaults)
     out.setdefault("scheduler", default_sampler(manifest.scheduler))
     return out
+
+
+def clip_skips(manifest: Manifest, encoder: str) -> int:
+    """The clip skip values 1 .. N a text encoder's graph takes (its `clip_skip` input); 0: it has no such input."""
+    inputs = {t.name: t for t in manifest.components[encoder].spec.inputs}
+    return inputs["clip_skip"].high if "clip_skip" in inputs else 0
+
+
+def max_clip_skip(manifest: Manifest) -> int:
+    """The largest clip skip every text encoder of the bundle takes (1: the usual layer only)."""
+    return min(clip_skips(manifest, e) or 1 for e in ("text_encoder", "text_encoder_2") if e in manifest.components)
 
 
 def strength_in_schedule(manifest: Manifest) -> bool:

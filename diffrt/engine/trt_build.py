@@ -321,13 +321,14 @@ def _build_plan(trt, builder, logger, name: str, path: Path, shapes: Profile, op
                 (parser_error.desc(), parser_error.node_name(), parser_error.node_operator(), parser_error.node())
             )
         raise BadInput(parser_failure(name, path, errors))
-    inputs = {network.get_input(i).name for i in range(network.num_inputs)}
-    if inputs != set(shapes):
+    inputs = {t.name: tuple(t.shape) for t in (network.get_input(i) for i in range(network.num_inputs))}
+    if set(inputs) != set(shapes):
         raise BadInput(f"{name}: {path.name} has inputs {sorted(inputs)}, the manifest {sorted(shapes)}; re-export")
     config = builder.create_builder_config()
     opt_profile = builder.create_optimization_profile()
     for tensor, (lo, opt, hi) in shapes.items():
-        opt_profile.set_shape(tensor, lo, opt, hi)
+        if -1 in inputs[tensor]:  # fixed inputs (the text encoder's clip_skip) take no profile
+            opt_profile.set_shape(tensor, lo, opt, hi)
     config.add_optimization_profile(opt_profile)
     if options.workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))

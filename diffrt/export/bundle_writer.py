@@ -24,7 +24,7 @@ from diffrt.export.fp16 import convert_to_fp16
 from diffrt.export.onnx_export import TextEncoder, UNet, VAEDecoder, VAEEncoder, export_onnx, save_onnx
 from diffrt.export.tokenizer import export_tokenizer
 from diffrt.export.validate import HEADER, Check, validate_component
-from diffrt.specs import SDShapes, sd_specs, upscaler_spec
+from diffrt.specs import MAX_CLIP_SKIP, SDShapes, sd_specs, upscaler_spec
 
 log = logging.getLogger("diffrt.export")
 UPSCALER_TILE, UPSCALER_OVERLAP = 128, 16
@@ -101,7 +101,15 @@ def sd_shapes(
         time_cond_dim=unet.time_cond_proj_dim or 0,
         unet_in_channels=unet.in_channels,
         max_chunks=prompt_chunks,
+        clip_skips=clip_skips(te, xl=te2 is not None) if te else 0,
+        clip_skips_2=clip_skips(te2, xl=True) if te2 else 0,
     )
+
+
+def clip_skips(config, xl: bool) -> int:
+    """Hidden states a text encoder's clip skip can pick: from the usual one (the last layer; SDXL's
+    penultimate) back to the token embeddings, at most A1111's 12."""
+    return min(MAX_CLIP_SKIP, config.num_hidden_layers + (0 if xl else 1))
 
 
 def _tools() -> dict[str, str]:
@@ -204,9 +212,11 @@ def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Export
     unet_extra = tuple(t.name for t in specs["unet"].inputs[3:])
     modules = {}  # name -> (module, FP32 attention, FP16 graph)
     if ckpt.text_encoder is not None:  # all but the SDXL refiner
-        modules["text_encoder"] = (TextEncoder(ckpt.text_encoder, hidden_layer=-2 if xl else -1), False, True)
+        encoder = TextEncoder(ckpt.text_encoder, hidden_layer=-2 if xl else -1, skips=shapes.clip_skips)
+        modules["text_encoder"] = (encoder, False, True)
     if xl:  # SDXL conditions on both encoders' penultimate layer, and on the second one's pooled projection
-        modules["text_encoder_2"] = (TextEncoder(ckpt.text_encoder_2, hidden_layer=-2, pooled=True), False, True)
+        encoder = TextEncoder(ckpt.text_encoder_2, hidden_layer=-2, pooled=True, skips=shapes.clip_skips_2)
+        modules["text_encoder_2"] = (encoder, False, True)
     modules["unet"] = (UNet(ckpt.unet, unet_extra), upcast, True)
     # SDXL's VAE overflows FP16 (docs/models.md): where an SDXL checkpoint says so (force_upcast, which only
     # diffusers' SDXL pipelines read), its decoder stays FP32 in the FP16 bundle

@@ -17,18 +17,29 @@ EXTERNAL_DATA_BYTES = 500_000_000  # weights beside the graph above this: protob
 
 
 class TextEncoder(torch.nn.Module):
-    """input_ids (B, 77) int32 -> hidden states (B, 77, D) the UNet conditions on [, pooled projection (B, P)].
+    """input_ids (B, 77) int32 [, clip_skip (1,) int32] -> hidden states (B, 77, D) the UNet conditions on
+    [, pooled projection (B, P)].
 
     SD 1.x/2.x take the last hidden state (after the final layer norm); SDXL takes both encoders' penultimate
-    layer without it (`hidden_layer=-2`) and the second encoder's projected pooled output as `text_embeds`."""
+    layer without it (`hidden_layer=-2`) and the second encoder's projected pooled output as `text_embeds`.
+    With `skips`, `clip_skip` = k picks the hidden state k layers before that one, the final layer norm applied
+    where the usual one has it (diffusers' clip_skip; A1111's "Clip skip" is k + 1); k < skips."""
 
-    def __init__(self, text_encoder: torch.nn.Module, hidden_layer: int = -1, pooled: bool = False):
+    def __init__(self, text_encoder: torch.nn.Module, hidden_layer: int = -1, pooled: bool = False, skips: int = 0):
         super().__init__()
-        self.text_encoder, self.hidden_layer, self.pooled = text_encoder, hidden_layer, pooled
+        self.text_encoder, self.hidden_layer, self.pooled, self.skips = text_encoder, hidden_layer, pooled, skips
 
-    def forward(self, input_ids: torch.Tensor):
-        out = self.text_encoder(input_ids.long(), output_hidden_states=self.hidden_layer != -1)
-        hidden = out.last_hidden_state if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer]
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor | None = None):
+        out = self.text_encoder(input_ids.long(), output_hidden_states=self.skips > 0 or self.hidden_layer != -1)
+        if self.skips:
+            last = -1 if self.hidden_layer == -1 else self.hidden_layer
+            layers = torch.stack([out.hidden_states[last - k] for k in range(self.skips)])
+            hidden = layers.index_select(0, clip_skip.long()).squeeze(0)
+            if self.hidden_layer == -1:
+                model = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 5 has no text_model
+                hidden = model.final_layer_norm(hidden)
+        else:
+            hidden = out.last_hidden_state if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer]
         return (hidden, out.text_embeds) if self.pooled else hidden
 
 

@@ -51,9 +51,14 @@ def _refuse_unsupported(f: dict[str, Any]) -> None:
     for name, bad, why in checks:
         if bad:
             raise BadInput(f"{name}: {why}; leave it out", name)
-    clip_skip = (f.get("override_settings") or {}).get("CLIP_stop_at_last_layers", f.get("clip_skip", 1))
-    if clip_skip not in (None, 0, 1):
-        raise BadInput(f"clip skip {clip_skip} is not available (only 1); leave it at 1", "clip_skip")
+
+
+def overrides(f: dict[str, Any]) -> dict[str, Any]:
+    """A request's `override_settings`: A1111's settings for this request only (a JSON object)."""
+    value = f.get("override_settings") or {}
+    if not isinstance(value, dict):
+        raise BadInput("override_settings must be a JSON object of A1111 settings", "override_settings")
+    return value
 
 
 def _number(f: dict[str, Any], name: str, kind: type, default=None):
@@ -89,6 +94,8 @@ def _settings(f: dict[str, Any]) -> tuple[dict[str, Any], int]:
         "height": _number(f, "height", int),
         "num_images": batch_size * n_iter,  # one call: image i draws from seed + i, as A1111's
         "seed": seed,
+        # A1111 sets clip skip as a setting; 0 or absent: the bundle's default
+        "clip_skip": _number(overrides(f), "CLIP_stop_at_last_layers", int) or None,
     }
     return {k: v for k, v in given.items() if v is not None}, seed
 
@@ -163,7 +170,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
         if isinstance(f, Response):
             return f
         try:
-            model = service.model((f.get("override_settings") or {}).get("sd_model_checkpoint"))
+            model = service.model(overrides(f).get("sd_model_checkpoint"))
             given, seed = _settings(f)
             if image_job:
                 images = f.get("init_images") or []

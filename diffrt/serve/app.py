@@ -37,6 +37,7 @@ from diffrt.errors import BadInput
 from diffrt.serve.batcher import Batcher, JobResult, QueueFull
 from diffrt.serve.models import Model, ModelPool
 from diffrt.serve.progress import Interrupted, preview_png
+from diffrt.specs import MAX_CLIP_SKIP
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,14 @@ class ImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(min_length=1, description="non-empty; over 77 tokens is truncated with a warning")
+    prompt: str = Field(min_length=1, description="non-empty; past the bundle's 75-token chunks is truncated, warned")
     model: str | None = Field(None, description="a served bundle's name (GET /v1/models); default: the first")
     negative_prompt: str | None = None
     prompt_syntax: str | None = Field(
         None, description=f"{' or '.join(SYNTAXES)}; default a1111: (word:1.3), (word), [word], BREAK"
+    )
+    clip_skip: int | None = Field(
+        None, ge=1, le=MAX_CLIP_SKIP, description="A1111's Clip skip: 1 the last layer (default), 2 the one before"
     )
     num_inference_steps: int | None = Field(None, ge=1, le=150, description=BUNDLE_DEFAULT)
     guidance_scale: float | None = Field(None, ge=0, le=30, allow_inf_nan=False, description=BUNDLE_DEFAULT)

@@ -44,6 +44,8 @@ EXTRAS: dict[str, type] = {
     "guidance_scale": float,
     "scheduler": str,
     "strength": float,
+    "prompt_syntax": str,
+    "clip_skip": int,
 }
 MAX_N = 10  # OpenAI's own limit; the bundle's images per call may be lower
 LINK_TTL_S = 600.0  # response_format "url": how long a link answers

@@ -39,6 +39,8 @@ def test_generate_writes_png_with_a1111_parameters(capsys, sd1_bundle, tmp_path)
         "DPM++ 2M Karras",
         "--backend",
         "ort-cpu",
+        "--clip-skip",
+        "2",
     )
     assert code == 0, err
     image = Image.open(out)
@@ -47,7 +49,7 @@ def test_generate_writes_png_with_a1111_parameters(capsys, sd1_bundle, tmp_path)
     first, negative, fields = text.split("\n")
     assert first == "a red circle" and negative == "Negative prompt: blue"
     assert "Steps: 3" in fields and "Sampler: DPM++ 2M Karras" in fields and "Seed: 4" in fields
-    assert "Size: 64x64" in fields and "CFG scale: 7.5" in fields
+    assert "Size: 64x64" in fields and "CFG scale: 7.5" in fields and "Clip skip: 2" in fields
     assert "unet" in err and "ms" in err  # per-stage timings on stderr
 
 
@@ -81,6 +83,7 @@ def test_num_images_writes_numbered_files(capsys, sd1_bundle, tmp_path):
         (["--backend", "warp"], ["unknown backend"]),
         (["--prompt-2", "a dog"], ["SDXL", "sd1"]),
         (["--original-size", "512,512"], ["SDXL"]),
+        (["--clip-skip", "9"], ["clip_skip=9", "1 to 4"]),
     ],
 )
 def test_bad_generate_arguments_exit_2_with_one_line(capsys, sd1_bundle, tmp_path, args, words):

@@ -401,6 +401,78 @@ def test_bundles_from_before_long_prompts_take_one_chunk(sd1):
     assert old.max_chunks == 1 and old.dims_of(shapes) == dims and shapes["encoder_hidden_states"][1] == 77
 
 
+# --- clip skip -------------------------------------------------------------------------------------------------
+
+
+def test_sd1_clip_skip_matches_diffusers_clip_skip(sd1, sd1_reference):
+    """A1111's Clip skip 2 is diffusers' clip_skip=1: the penultimate layer, through the final layer norm. A1111
+    skips for the negative prompt too, diffusers' pipeline only for the prompt: the reference encodes both with
+    diffusers' own encode_prompt(clip_skip=...)."""
+    ref, z = sd1_reference, latents()
+    # diffusers' SD clip_skip reads text_encoder.text_model.final_layer_norm; transformers 5's CLIPTextModel holds
+    # the norm itself. A plain attribute (not a submodule) gives diffusers the path it expects.
+    if not hasattr(ref.text_encoder, "text_model"):
+        object.__setattr__(ref.text_encoder, "text_model", ref.text_encoder)
+
+    def embeds(text, skip):
+        return ref.encode_prompt(text, "cpu", 1, False, clip_skip=skip)[0]
+
+    for a1111 in (2, 4):  # 4: the token embeddings themselves, on this three-layer encoder
+        theirs = ref(
+            prompt_embeds=embeds("a cute red narwhal", a1111 - 1),
+            negative_prompt_embeds=embeds("blue square", a1111 - 1),
+            num_inference_steps=STEPS,
+            latents=torch.from_numpy(z.copy()),
+            height=64,
+            width=64,
+            output_type="np",
+        ).images[0]
+        mine = ours(sd1, "a cute red narwhal", "blue square", z, clip_skip=a1111)
+        assert np.abs(mine - theirs).max() <= TOL
+    usual = ours(sd1, "a cute red narwhal", "blue square", z, clip_skip=1)
+    assert np.abs(usual - mine).max() > 5 * TOL
+    np.testing.assert_array_equal(usual, ours(sd1, "a cute red narwhal", "blue square", z))  # 1 is the default
+
+
+def test_sdxl_clip_skip_matches_diffusers_clip_skip(sdxl_bundle, sdxl_folder):
+    """Both encoders skip alike (diffusers: hidden_states[-(clip_skip + 2)], no final norm); pooled unchanged."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    z = latents()
+    cond, _, pooled, _ = ref.encode_prompt("a cute red narwhal", do_classifier_free_guidance=False, clip_skip=1)
+    uncond, _, neg_pooled, _ = ref.encode_prompt("blue square", do_classifier_free_guidance=False, clip_skip=1)
+    theirs = ref(
+        prompt_embeds=cond,
+        pooled_prompt_embeds=pooled,
+        negative_prompt_embeds=uncond,
+        negative_pooled_prompt_embeds=neg_pooled,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        latents=torch.from_numpy(z.copy()),
+        height=64,
+        width=64,
+        output_type="np",
+    ).images[0]
+    xl = Pipeline.load(sdxl_bundle, backend="ort-cpu")
+    mine = ours(xl, "a cute red narwhal", "blue square", z, guidance_scale=5.0, clip_skip=2)
+    assert np.abs(mine - theirs).max() <= TOL
+    usual = ours(xl, "a cute red narwhal", "blue square", z, guidance_scale=5.0)
+    assert np.abs(usual - theirs).max() > 5 * TOL
+
+
+def test_clip_skip_past_the_encoder_is_refused_by_name(sd1):
+    from diffrt.errors import BadInput
+
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(BadInput) as e:
+            ours(sd1, "a cat", None, latents(), clip_skip=bad)
+        assert e.value.field == "clip_skip", bad
+    assert "use 1 to 4" in str(pytest.raises(BadInput, ours, sd1, "a cat", None, latents(), clip_skip=5).value)
+
+
 def test_a_bundle_of_one_chunk_keeps_the_first_75_tokens_and_says_what_it_drops(sd1, caplog):
     words = " ".join(f"w{i}" for i in range(60))  # each "wN" is at least two tokens
     tok = sd1.text_encoders[0].tokenizer

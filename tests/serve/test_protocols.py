@@ -232,7 +232,7 @@ def test_sillytavern_sequence(served):
         "hr_scale": 1,
         "denoising_strength": 0.7,
         "hr_second_pass_steps": 0,
-        "override_settings": {"CLIP_stop_at_last_layers": 1},
+        "override_settings": {"CLIP_stop_at_last_layers": 2},
         "override_settings_restore_afterwards": True,
         "clip_skip": 1,
         "save_images": True,
@@ -244,6 +244,7 @@ def test_sillytavern_sequence(served):
     assert r.status_code == 200, r.text
     im = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert im.size == (64, 64) and "Sampler: DDIM" in im.info["parameters"]
+    assert "Clip skip: 2" in im.info["parameters"]  # the user's setting, sent per request
 
 
 def test_progress_preview_and_interrupt(served):
