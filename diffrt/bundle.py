@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from diffrt.errors import BadInput
 from diffrt.specs import ComponentSpec
 
@@ -69,6 +71,12 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer/tokenizer.json"
 TOKENIZER_2 = "tokenizer_2/tokenizer.json"  # SDXL's second text encoder's tokenizer
 Precision = Literal["fp32", "fp16"]
+
+
+def token_table(component: str) -> str:
+    """Where a text encoder's token embedding table (vocab, D) float32 lies in the bundle, as a .npy file; present
+    when the encoder's spec takes `token_embeds`."""
+    return f"embeddings/{component}.npy"
 
 
 @dataclass(frozen=True)
@@ -204,3 +212,31 @@ def load_manifest(bundle: Path | str) -> Manifest:
         if needed and not (bundle / rel).is_file():
             raise BadInput(f"{bundle}: {rel} is missing; re-export the bundle")
     return manifest
+
+
+def load_token_table(bundle: Path | str, manifest: Manifest, component: str) -> np.ndarray | None:
+    """A text encoder's token embedding table (vocab, D) float32, memory-mapped and checked against its spec;
+    None where the encoder's graph looks tokens up itself (bundles exported before textual inversion)."""
+    inputs = {t.name: t for t in manifest.components[component].spec.inputs}
+    if "token_embeds" not in inputs:
+        return None
+    path = Path(bundle) / token_table(component)
+    want = (inputs["input_ids"].high, inputs["token_embeds"].shape[2])
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path} is missing or corrupt ({e}); re-export the bundle") from None
+    if table.shape != want or table.dtype != np.float32:
+        raise BadInput(f"{path} holds {table.dtype} {table.shape}, not float32 {want}; re-export the bundle")
+    return table
+
+
+def token_widths(manifest: Manifest) -> list[int]:
+    """The widths of the text encoders that take token embeddings, in order (what an embedding must match)."""
+    return [
+        t.shape[2]
+        for name in ("text_encoder", "text_encoder_2")
+        if name in manifest.components
+        for t in manifest.components[name].spec.inputs
+        if t.name == "token_embeds"
+    ]

@@ -101,6 +101,18 @@ def hires_from_args(args: argparse.Namespace):
     return HiresOptions(scale=args.hires, **given)
 
 
+def add_embedding_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--embeddings",
+        type=Path,
+        metavar="DIR",
+        help="textual inversion embeddings (.safetensors) that prompts call by file name, as A1111's",
+    )
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="also read .pt/.bin embeddings (pickles run code; needs torch)"
+    )
+
+
 def request_from_args(args: argparse.Namespace):
     """The generate flags as one Request; flags left out stay None, so the Request's defaults apply."""
     from diffrt.engine.request import Request
@@ -150,7 +162,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             except ImportError:
                 pass  # demo_bundle names the missing extra
         bundle = demo_bundle()
-    pipe = Pipeline.load(bundle, backend=args.backend, threads=args.threads, refiner=args.refiner)
+    pipe = Pipeline.load(
+        bundle,
+        backend=args.backend,
+        threads=args.threads,
+        refiner=args.refiner,
+        embeddings=args.embeddings,
+        allow_pickle=args.allow_pickle,
+    )
     given = [flag for name, flag in SDXL_FLAGS.items() if getattr(args, name) is not None]
     if pipe.manifest.model.family != "sdxl" and given:
         raise BadInput(
@@ -391,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PX",
         help=f"blur of the paste-back mask in pixels (default {Request.mask_blur})",
     )
+    add_embedding_flags(p)
     add_hires_flags(p)
     refine = p.add_argument_group("SDXL base -> refiner")
     refine.add_argument("--refiner", type=Path, metavar="BUNDLE", help="an SDXL bundle that finishes the schedule")

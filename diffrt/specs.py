@@ -181,7 +181,12 @@ def _text_encoder_spec(name: str, vocab: int, s: SDShapes, hidden: int, pooled: 
     outputs = (TensorSpec("text_embeddings", "float32", ("batch", s.max_length, hidden)),)
     if pooled:
         outputs += (TensorSpec("text_embeds", "float32", ("batch", pooled)),)
-    inputs = (TensorSpec("input_ids", "int32", ("batch", s.max_length), "tokens", vocab),)
+    inputs = (
+        TensorSpec("input_ids", "int32", ("batch", s.max_length), "tokens", vocab),
+        # the rows of the token embedding table for input_ids, looked up by the runtime (bundle.token_table):
+        # textual inversion adds rows at run time without touching the graph
+        TensorSpec("token_embeds", "float32", ("batch", s.max_length, hidden)),
+    )
     if skips:  # how many layers before the usual one the hidden states come from (diffusers' clip_skip)
         inputs += (TensorSpec("clip_skip", "int32", (1,), "tokens", skips),)
     return ComponentSpec(

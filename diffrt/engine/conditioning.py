@@ -27,11 +27,23 @@ class TextEncoder:
     tokenizer: ClipTokenizer
     session: Session
     clip_skips: int = 0  # A1111 clip skip values 1 .. this the graph takes (its `clip_skip` input); 0: no input
+    table: np.ndarray | None = None  # (vocab, D) token embeddings, where the graph takes `token_embeds`
+    extra: np.ndarray | None = None  # (m, D) textual inversion vectors: the rows of ids vocab .. vocab + m - 1
 
     def feeds(self, ids: np.ndarray, clip_skip: int) -> dict[str, np.ndarray]:
-        if not self.clip_skips:
-            return {"input_ids": ids}
-        return {"input_ids": ids, "clip_skip": np.array([clip_skip - 1], np.int32)}
+        out = {"input_ids": ids}
+        if self.table is not None:
+            added = ids >= len(self.table)
+            if added.any():  # the graph sees token 0 there (it places only the pooled output by ids), as A1111
+                out["input_ids"] = np.where(added, 0, ids).astype(np.int32)
+                embeds = self.table[out["input_ids"]]
+                embeds[added] = self.extra[ids[added] - len(self.table)]
+                out["token_embeds"] = embeds
+            else:
+                out["token_embeds"] = self.table[ids]
+        if self.clip_skips:
+            out["clip_skip"] = np.array([clip_skip - 1], np.int32)
+        return out
 
 
 @dataclass(frozen=True)

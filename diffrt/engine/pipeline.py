@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffrt.bundle import TOKENIZER, TOKENIZER_2, Manifest, load_manifest
+from diffrt.bundle import TOKENIZER, TOKENIZER_2, Manifest, load_manifest, load_token_table
 from diffrt.engine.backends import Backend, Session, make_backend
 from diffrt.engine.conditioning import (
     Prompts,
@@ -32,6 +32,7 @@ from diffrt.engine.conditioning import (
     time_ids,
     window_count,
 )
+from diffrt.engine.embeddings import Embedding, load_embeddings
 from diffrt.engine.hires import resize_latents
 from diffrt.engine.images import blurred, init_image_array, to_hwc, to_pil
 from diffrt.engine.request import (
@@ -79,7 +80,12 @@ class Pipeline:
         # in order: the first encoder takes `prompt`, the next `prompt_2` (SDXL); the SDXL refiner has only
         # the second encoder, which then takes `prompt`, as diffusers' refiner pipeline pairs them
         self.text_encoders = [
-            TextEncoder(ClipTokenizer(bundle / rel, info), self.sessions[name], clip_skips(manifest, name))
+            TextEncoder(
+                ClipTokenizer(bundle / rel, info),
+                self.sessions[name],
+                clip_skips(manifest, name),
+                load_token_table(bundle, manifest, name),
+            )
             for name, rel, info in (
                 ("text_encoder", TOKENIZER, manifest.tokenizer),
                 ("text_encoder_2", TOKENIZER_2, manifest.tokenizer_2),
@@ -91,19 +97,29 @@ class Pipeline:
         self._lock = threading.Lock()
         self._warned_no_upscaler = False
         self.refiner: Pipeline | None = None  # SDXL: the model that finishes the schedule (load(refiner=))
+        self.embeddings: dict[str, Embedding] = {}  # textual inversion, by name (use_embeddings)
         self.latest_sample: np.ndarray | None = None  # the last latents the UNet saw (VP): for progress previews
 
     @classmethod
     def load(
-        cls, bundle: str | Path, backend: str = "auto", threads: int = 0, refiner: str | Path | None = None
+        cls,
+        bundle: str | Path,
+        backend: str = "auto",
+        threads: int = 0,
+        refiner: str | Path | None = None,
+        embeddings: str | Path | None = None,
+        allow_pickle: bool = False,
     ) -> Pipeline:
         """Open a bundle directory on a backend: "tensorrt", "ort-cuda", "ort-cpu" or "auto". `refiner`: an SDXL
-        bundle that takes over the last part of every schedule (Request.refiner_at) from this SDXL base."""
+        bundle that takes over the last part of every schedule (Request.refiner_at) from this SDXL base.
+        `embeddings`: a folder of textual inversion embeddings that prompts call by name (use_embeddings)."""
         bundle = Path(bundle)
         manifest = load_manifest(bundle)
         pipe = cls(bundle, manifest, make_backend(backend, manifest, threads, bundle))
+        if embeddings is not None:
+            pipe.use_embeddings(embeddings, allow_pickle)
         if refiner is not None:
-            pipe.refiner = cls.load(refiner, backend, threads)
+            pipe.refiner = cls.load(refiner, backend, threads, embeddings=embeddings, allow_pickle=allow_pickle)
             base, ref = manifest.model, pipe.refiner.manifest.model
             if base.family != "sdxl" or ref.family != "sdxl":
                 raise BadInput(
@@ -115,6 +131,21 @@ class Pipeline:
                     f"refiner {Path(refiner).name} has another latent space than the base; use a matching one"
                 )
         return pipe
+
+    def use_embeddings(self, folder: str | Path, allow_pickle: bool = False) -> list[str]:
+        """Load the textual inversion embeddings of `folder` that fit this bundle's text encoders (others are
+        skipped with a warning); a prompt word that is an embedding's name then stands for its vectors. Replaces
+        embeddings loaded before. Returns the names."""
+        if any(e.table is None for e in self.text_encoders):
+            raise BadInput(f"{self.bundle.name} was exported before textual inversion; re-export it to use embeddings")
+        found = load_embeddings(folder, [e.table.shape[1] for e in self.text_encoders], allow_pickle)
+        with self._lock:
+            for i, encoder in enumerate(self.text_encoders):
+                vectors = [e.vectors[i] for e in found.values()]
+                encoder.tokenizer.use_embeddings({n: len(e.vectors[i]) for n, e in found.items()}, len(encoder.table))
+                self.text_encoders[i] = replace(encoder, extra=np.concatenate(vectors) if vectors else None)
+            self.embeddings = found
+        return list(found)
 
     @property
     def default_sampler(self) -> str:

@@ -110,9 +110,12 @@ class Chunk:
 EMPTY = Chunk((), ())  # pads a shorter prompt to the batch's number of chunks: BOS, EOS, padding
 
 
-def chunk(pieces: Sequence[tuple[list[int], float] | None], comma: int | None, size: int = CHUNK_TOKENS) -> list[Chunk]:
+Ids = list[int | tuple[int, ...]]  # a tuple: a textual inversion embedding's vectors, never split between chunks
+
+
+def chunk(pieces: Sequence[tuple[Ids, float] | None], comma: int | None, size: int = CHUNK_TOKENS) -> list[Chunk]:
     """A1111's chunking of tokenized fragments ((ids, weight), or None for BREAK) into chunks of `size` tokens;
-    `comma` None: no comma backtrack."""
+    `comma` None: no comma backtrack. An embedding that does not fit in what is left of a chunk starts the next."""
     chunks: list[Chunk] = []
     tokens: list[int] = []
     weights: list[float] = []
@@ -139,6 +142,12 @@ def chunk(pieces: Sequence[tuple[list[int], float] | None], comma: int | None, s
                 tokens, weights = moved, moved_weights
             if len(tokens) == size:
                 end()
+            if isinstance(token, tuple):
+                if len(tokens) + len(token) > size:
+                    end()
+                tokens.extend(token)
+                weights.extend([weight] * len(token))
+                continue
             tokens.append(token)
             weights.append(weight)
     if tokens or not chunks:

@@ -22,14 +22,52 @@ class ClipTokenizer:
         self._tok = Tokenizer.from_file(str(path))
         self._tok.no_padding()
         self._tok.no_truncation()
+        self.vocab = self._tok.get_vocab_size()
+        self._embeddings: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+
+    def use_embeddings(self, counts: dict[str, int], first_id: int) -> None:
+        """Prompts call these textual inversion embeddings by name (name -> its number of vectors): each
+        occurrence of a name's tokens becomes ids first_id, first_id + 1, ... (rows after the token table)."""
+        self._embeddings = {}  # first token of a name -> [(the name's tokens, its ids)], longest name first
+        next_id = first_id
+        for name, n in counts.items():
+            tokens = tuple(self._tok.encode(name, add_special_tokens=False).ids)
+            if tokens:
+                self._embeddings.setdefault(tokens[0], []).append((tokens, tuple(range(next_id, next_id + n))))
+            next_id += n
+        for candidates in self._embeddings.values():
+            candidates.sort(key=lambda c: -len(c[0]))
+
+    def _swap(self, ids: list[int]) -> list[int | tuple[int, ...]]:
+        """Token ids with every embedding name replaced by the tuple of its ids."""
+        if not self._embeddings:
+            return ids
+        out: list[int | tuple[int, ...]] = []
+        i = 0
+        while i < len(ids):
+            for tokens, rows in self._embeddings.get(ids[i], ()):
+                if tuple(ids[i : i + len(tokens)]) == tokens:
+                    out.append(rows)
+                    i += len(tokens)
+                    break
+            else:
+                out.append(ids[i])
+                i += 1
+        return out
+
+    def _decode(self, ids) -> str:
+        return self._tok.decode([i for i in ids if i < self.vocab])
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         n = self.info.max_length
         ids = np.full((len(prompts), n), self.info.pad_id, dtype=np.int32)
         for row, enc in zip(ids, self._tok.encode_batch(prompts)):
             tokens = enc.ids  # bos ... eos, added by the tokenizer's post-processor
+            if self._embeddings:
+                swapped = self._swap(tokens[1:-1])
+                tokens = [tokens[0], *(t for x in swapped for t in (x if isinstance(x, tuple) else (x,))), tokens[-1]]
             if len(tokens) > n:
-                dropped = self._tok.decode(tokens[n - 1 : -1]).replace("</w>", " ").strip()
+                dropped = self._decode(tokens[n - 1 : -1]).replace("</w>", " ").strip()
                 log.warning(
                     "prompt is %d tokens over the %d-token limit; dropped: %r",
                     len(tokens) - n,
@@ -47,10 +85,10 @@ class ClipTokenizer:
         parsed = syntax.parse(prompt)
         texts = [f[0] for f in parsed if f is not None]
         encoded = iter(self._tok.encode_batch(texts, add_special_tokens=False)) if texts else iter(())
-        pieces = [None if f is None else (next(encoded).ids, f[1]) for f in parsed]
+        pieces = [None if f is None else (self._swap(next(encoded).ids), f[1]) for f in parsed]
         out = syntax.chunk(pieces, self.comma_id if max_chunks > 1 else None, self.info.max_length - 2)
         if not quiet:
-            syntax.log_dropped(out, max_chunks, self._tok.decode)
+            syntax.log_dropped(out, max_chunks, self._decode)
         return out[:max_chunks]
 
     @property

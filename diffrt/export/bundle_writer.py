@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from diffrt import __version__
-from diffrt.bundle import TOKENIZER, TOKENIZER_2, ComponentEntry, Manifest, ModelInfo, UpscalerInfo
+from diffrt.bundle import TOKENIZER, TOKENIZER_2, ComponentEntry, Manifest, ModelInfo, UpscalerInfo, token_table
 from diffrt.errors import BadInput, ValidationFailed
 from diffrt.export.checkpoint import Checkpoint, check_source, load_checkpoint
 from diffrt.export.fp16 import convert_to_fp16
@@ -233,6 +234,9 @@ def _write(ckpt: Checkpoint, upscaler, tmp: Path, opts: ExportOptions) -> Export
     components, checks = {}, []
     for name, (module, fp32_attention, fp16) in modules.items():
         files, component_checks = export_component(module, specs[name], tmp, opts, fp32_attention, fp16)
+        if isinstance(module, TextEncoder):  # the runtime looks token embeddings up itself
+            (tmp / token_table(name)).parent.mkdir(parents=True, exist_ok=True)
+            np.save(tmp / token_table(name), module.table)
         components[name] = ComponentEntry(specs[name], files)
         checks += component_checks
     if checks:

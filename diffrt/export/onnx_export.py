@@ -16,10 +16,26 @@ EXTERNAL_DATA_BYTES = 500_000_000  # weights beside the graph above this: protob
 # a big graph in one piece holds a second copy in memory (3.4 GB for the FP16 SD 1.5 UNet)
 
 
-class TextEncoder(torch.nn.Module):
-    """input_ids (B, 77) int32 [, clip_skip (1,) int32] -> hidden states (B, 77, D) the UNet conditions on
-    [, pooled projection (B, P)].
+class _GivenTokenEmbeddings(torch.nn.Module):
+    """Stands in for CLIP's embedding layer: the token embeddings are the graph's input (`given`, set for each
+    call), the position embeddings are the checkpoint's."""
 
+    def __init__(self, embeddings: torch.nn.Module):
+        super().__init__()
+        self.position_embedding = embeddings.position_embedding
+        self.given: torch.Tensor | None = None
+
+    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None):
+        return self.given + self.position_embedding.weight[: self.given.shape[1]][None]
+
+
+class TextEncoder(torch.nn.Module):
+    """input_ids (B, 77) int32, token_embeds (B, 77, D) [, clip_skip (1,) int32] -> hidden states (B, 77, D) the
+    UNet conditions on [, pooled projection (B, P)].
+
+    token_embeds are the rows of the encoder's token embedding table for input_ids (`table`, saved beside the
+    graph): the runtime looks them up, so textual inversion adds rows without a new graph; input_ids still
+    place the pooled output (CLIP pools at the end-of-text token).
     SD 1.x/2.x take the last hidden state (after the final layer norm); SDXL takes both encoders' penultimate
     layer without it (`hidden_layer=-2`) and the second encoder's projected pooled output as `text_embeds`.
     With `skips`, `clip_skip` = k picks the hidden state k layers before that one, the final layer norm applied
@@ -28,16 +44,20 @@ class TextEncoder(torch.nn.Module):
     def __init__(self, text_encoder: torch.nn.Module, hidden_layer: int = -1, pooled: bool = False, skips: int = 0):
         super().__init__()
         self.text_encoder, self.hidden_layer, self.pooled, self.skips = text_encoder, hidden_layer, pooled, skips
+        self.model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5: CLIPTextModel is the model
+        self.table = self.model.embeddings.token_embedding.weight.detach().float().numpy().copy()
+        self.model.embeddings = self.given = _GivenTokenEmbeddings(self.model.embeddings)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor, clip_skip: torch.Tensor | None = None):
+        self.given.given = token_embeds
         out = self.text_encoder(input_ids.long(), output_hidden_states=self.skips > 0 or self.hidden_layer != -1)
+        self.given.given = None
         if self.skips:
             last = -1 if self.hidden_layer == -1 else self.hidden_layer
             layers = torch.stack([out.hidden_states[last - k] for k in range(self.skips)])
             hidden = layers.index_select(0, clip_skip.long()).squeeze(0)
             if self.hidden_layer == -1:
-                model = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 5 has no text_model
-                hidden = model.final_layer_norm(hidden)
+                hidden = self.model.final_layer_norm(hidden)
         else:
             hidden = out.last_hidden_state if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer]
         return (hidden, out.text_embeds) if self.pooled else hidden

@@ -7,6 +7,7 @@ are accepted and ignored. Unknown fields are ignored, as A1111 does (clients for
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import secrets
@@ -18,6 +19,8 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
 from PIL import ImageOps
 
+from diffrt.bundle import token_widths
+from diffrt.engine.embeddings import load_embeddings
 from diffrt.engine.hires import UPSCALERS, HiresOptions
 from diffrt.engine.images import A1111_NAMES, open_image, parameters_text
 from diffrt.engine.request import Request
@@ -280,6 +283,17 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.get(f"{PREFIX}/sd-vae")
     async def sd_vae() -> list:
         return []  # the bundle's own VAE only
+
+    @app.get(f"{PREFIX}/embeddings")
+    async def embeddings() -> dict:
+        """A1111's listing: the embeddings of --embeddings that fit the current bundle's text encoders."""
+        if not settings.embeddings:
+            return {"loaded": {}, "skipped": {}}
+        widths = token_widths(service.pool.models[service.current].manifest)
+        found = await asyncio.to_thread(load_embeddings, settings.embeddings, widths, settings.allow_pickle)
+        entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+        loaded = {n: {**entry, "shape": widths[-1], "vectors": len(e.vectors[0])} for n, e in found.items()}
+        return {"loaded": loaded, "skipped": {}}
 
     @app.get(f"{PREFIX}/scripts")
     async def scripts() -> dict:

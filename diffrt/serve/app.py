@@ -61,6 +61,8 @@ class ServeSettings:
     timeout_s: float = 300.0  # queue wait + generation; longer -> 504
     max_body_bytes: int = 16 * 2**20  # room for an init image and a mask as base64
     refiner: str | None = None  # SDXL refiner bundle (Pipeline.load(refiner=))
+    embeddings: str | None = None  # textual inversion folder, for every bundle (Pipeline.load(embeddings=))
+    allow_pickle: bool = False  # also .pt/.bin embeddings
 
 
 BUNDLE_DEFAULT = "default: the bundle's"
@@ -423,7 +425,8 @@ class Service:
         from diffrt.engine.pipeline import Pipeline
 
         refiner = self.settings.refiner if path == self.settings.bundle else None
-        return Pipeline.load(path, backend=self.settings.backend, threads=self.settings.threads, refiner=refiner)
+        s = self.settings
+        return Pipeline.load(path, s.backend, s.threads, refiner, embeddings=s.embeddings, allow_pickle=s.allow_pickle)
 
     async def start(self) -> None:
         try:

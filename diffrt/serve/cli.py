@@ -50,6 +50,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--backend", default="auto", help="auto, tensorrt, ort-cuda or ort-cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for ort-cpu (default: all cores)")
     p.add_argument("--refiner", metavar="BUNDLE", help="SDXL: a refiner bundle that finishes every schedule")
+    from diffrt.cli import add_embedding_flags  # the generate command's flags, the same words
+
+    add_embedding_flags(p)
     r = p.add_argument_group("scale-out with Ray Serve (needs the ray extra; see docs/serving.md)")
     r.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment, one replica per GPU")
     for flag, kind, metavar, meaning in RAY_OPTIONS:
@@ -86,6 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         timeout_s=args.timeout_s,
         refiner=args.refiner,
+        embeddings=str(args.embeddings) if args.embeddings else None,
+        allow_pickle=args.allow_pickle,
     )
     given = [flag for flag, *_ in RAY_OPTIONS if getattr(args, _dest(flag)) is not None]
     if args.others and args.refiner:

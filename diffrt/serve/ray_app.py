@@ -111,7 +111,12 @@ class DiffrtReplica:
         # Loading and warm-up run on the engine thread, like every generation after them.
         pipe = await self.batcher.run_in_engine(
             lambda: Pipeline.load(
-                settings.bundle, backend=settings.backend, threads=settings.threads, refiner=settings.refiner
+                settings.bundle,
+                backend=settings.backend,
+                threads=settings.threads,
+                refiner=settings.refiner,
+                embeddings=settings.embeddings,
+                allow_pickle=settings.allow_pickle,
             )
         )
         self.batcher.set_pipeline(pipe)  # caps max_batch at the bundle's images per call

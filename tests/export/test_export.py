@@ -43,7 +43,11 @@ def test_fp16_graphs_hold_fp16_weights_with_fp32_islands(flavour, request):
     manifest = load_manifest(bundle)
     for name in COMPONENTS:
         model = onnx.load(str(bundle / manifest.components[name].files["fp16"]))
-        assert fp16_fraction(model) > 0.95, name
+        assert fp16_fraction(model) > 0.9, name
+        # what stays FP32: normalisation parameters, small constants (timestep frequencies), and the text
+        # encoder's position embeddings, added to the FP32 token embeddings it is given (6 % of this tiny encoder)
+        big = [t for t in model.graph.initializer if t.data_type == FLOAT and np.prod(t.dims) > 256]
+        assert all(name == "text_encoder" and list(t.dims)[-2:] == [77, 64] for t in big), (name, big)
         inits = {t.name: t.data_type for t in model.graph.initializer}
         heavy = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and n.input[1] in inits]
         assert heavy and all(inits[n.input[1]] == HALF for n in heavy), name
@@ -92,7 +96,7 @@ def test_fp16_unet_stays_close_to_fp32_at_every_timestep(sd1_bundle):
     spec = manifest.components["unet"].spec
     s32 = ort.InferenceSession(str(sd1_bundle / "onnx/unet.fp32.onnx"), providers=["CPUExecutionProvider"])
     s16 = ort.InferenceSession(str(sd1_bundle / "onnx/unet.fp16.onnx"), providers=["CPUExecutionProvider"])
-    feeds = spec.sample_inputs({"batch": 4, "latent_height": 8, "latent_width": 8}, seed=3)
+    feeds = spec.sample_inputs({"batch": 4, "latent_height": 8, "latent_width": 8, "text_chunks": 1}, seed=3)
     feeds["timestep"] = np.array([1, 250, 750, 999], np.float32)
     a, b = s32.run(None, feeds)[0], s16.run(None, feeds)[0]
     for i in range(4):

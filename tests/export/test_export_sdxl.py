@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from diffrt.bundle import load_manifest
+from diffrt.bundle import load_manifest, token_table
 from diffrt.export.checkpoint import load_diffusers_folder
 
 XL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
@@ -66,7 +66,9 @@ def test_sdxl_text_encoders_give_diffusers_conditioning(sdxl_folder, sdxl_bundle
     }
     for name, refs in expected.items():
         sess = ort.InferenceSession(str(sdxl_bundle / manifest.components[name].files["fp32"]))
-        for got, ref in zip(sess.run(None, {"input_ids": ids}), refs):
+        table = np.load(sdxl_bundle / token_table(name))  # the runtime's lookup
+        feeds = {"input_ids": ids, "token_embeds": table[ids], "clip_skip": np.zeros(1, np.int32)}
+        for got, ref in zip(sess.run(None, feeds), refs):
             assert np.abs(got - ref.numpy()).max() < 1e-4, name
 
 

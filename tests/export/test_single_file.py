@@ -32,6 +32,8 @@ def test_single_file_round_trip_matches_the_folder_export(flavour, request, tmp_
             b = ort.InferenceSession(str(folder_bundle / entry.files[precision])).run(None, feeds)[0]
             assert np.abs(a - b).max() <= 1e-5, (name, precision, np.abs(a - b).max())
     assert (out / "tokenizer/tokenizer.json").read_text() == (folder_bundle / "tokenizer/tokenizer.json").read_text()
+    table = "embeddings/text_encoder.npy"  # the token embeddings the runtime feeds the text encoder
+    np.testing.assert_array_equal(np.load(out / table), np.load(folder_bundle / table))
 
 
 def test_single_file_with_a_non_clip_vocabulary_needs_a_tokenizer(sd1_folder, tmp_path, capsys):

@@ -95,3 +95,6 @@ def test_single_file_exports_the_same_graphs_as_the_folder(single, sdxl_folder, 
             b = ort.InferenceSession(str(sdxl_bundle / entry.files[precision])).run(None, feeds)
             for x, y in zip(a, b):
                 assert np.abs(x - y).max() <= 1e-5, (name, precision, np.abs(x - y).max())
+    for name in ("text_encoder", "text_encoder_2"):  # the token embeddings the runtime feeds the encoders
+        table = f"embeddings/{name}.npy"
+        np.testing.assert_array_equal(np.load(out / table), np.load(sdxl_bundle / table))

@@ -1,0 +1,60 @@
+"""A safetensors reader in NumPy for small untrusted files (textual inversion embeddings), with limits.
+
+The format: an 8-byte little-endian header length, that many bytes of JSON naming each tensor's dtype, shape
+and byte range in the data that follows (and an optional "__metadata__" of strings). Nothing is executed; every
+offset and size is checked before a byte is read as a number.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from diffrt.errors import BadInput
+
+MAX_HEADER = 1 << 20  # bytes of JSON; embedding files carry a few hundred
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def read_safetensors(path: Path, max_bytes: int) -> dict[str, np.ndarray]:
+    """Every tensor of the file as float32 arrays; BadInput naming the file for anything malformed or over
+    `max_bytes`."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise BadInput(f"{path.name} is {size} bytes, more than the {max_bytes} allowed here")
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise BadInput(f"{path.name} is not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(MAX_HEADER, len(data) - 8):
+        raise BadInput(f"{path.name} is not a safetensors file (header length {n})")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path.name}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise BadInput(f"{path.name}: the safetensors header is not an object")
+    body = memoryview(data)[8 + n :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+            ok = all(isinstance(d, int) and 0 <= d for d in (*shape, begin, end)) and begin <= end <= len(body)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise BadInput(f"{path.name}: tensor {name!r} has a malformed entry {str(info)[:80]}")
+        count = int(np.prod(shape, dtype=np.int64))
+        if count * np.dtype(dtype).itemsize != end - begin:
+            raise BadInput(f"{path.name}: tensor {name!r} of shape {list(shape)} does not fill its bytes")
+        array = np.frombuffer(body[begin:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+        if info["dtype"] == "BF16":  # the upper half of a float32
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        out[name] = array.astype(np.float32)
+    return out
