@@ -225,6 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompt=args.prompt or BenchSettings.prompt,
         prompt_syntax=args.prompt_syntax or BenchSettings.prompt_syntax,
         clip_skip=args.clip_skip,
+        embeddings=args.embeddings,
     )
     bar = tqdm(total=args.warmup + args.runs, desc="bench", unit="run", disable=args.quiet, leave=False)
     report = run_bench(args.bundle, settings, progress=lambda: bar.update(1))
@@ -443,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="the prompt to time (a long one times the UNet on several 77-token chunks)")
     p.add_argument("--prompt-syntax", choices=SYNTAXES, help="a1111 (default) or plain")
     p.add_argument("--clip-skip", type=int, metavar="N", help="A1111's Clip skip (default: the bundle's, 1)")
+    p.add_argument("--embeddings", type=Path, metavar="DIR", help="textual inversion embeddings the prompt may call")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--no-upscale", action="store_true")

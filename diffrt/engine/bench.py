@@ -37,6 +37,7 @@ class BenchSettings:
     prompt: str = PROMPT  # a long one measures the UNet on several 77-token chunks
     prompt_syntax: str = "a1111"
     clip_skip: int | None = None
+    embeddings: str | None = None  # a textual inversion folder (Pipeline.load(embeddings=))
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -75,7 +76,7 @@ def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
     t0 = time.perf_counter()
     from diffrt.engine.pipeline import Pipeline
 
-    pipe = Pipeline.load(bundle, backend=s.backend, threads=s.threads)
+    pipe = Pipeline.load(bundle, backend=s.backend, threads=s.threads, embeddings=s.embeddings)
     load_s = time.perf_counter() - t0
     request = Request(
         s.prompt,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from diffrt.bundle import TokenizerInfo
 from diffrt.engine import prompts as syntax
 
 log = logging.getLogger(__name__)
+_NAMED = re.compile(r"embedding:([\w.\-]+)")  # ComfyUI's way to call an embedding
 
 
 class ClipTokenizer:
@@ -24,11 +26,13 @@ class ClipTokenizer:
         self._tok.no_truncation()
         self.vocab = self._tok.get_vocab_size()
         self._embeddings: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        self._names: set[str] = set()
 
     def use_embeddings(self, counts: dict[str, int], first_id: int) -> None:
         """Prompts call these textual inversion embeddings by name (name -> its number of vectors): each
         occurrence of a name's tokens becomes ids first_id, first_id + 1, ... (rows after the token table)."""
         self._embeddings = {}  # first token of a name -> [(the name's tokens, its ids)], longest name first
+        self._names = {name.lower() for name in counts}
         next_id = first_id
         for name, n in counts.items():
             tokens = tuple(self._tok.encode(name, add_special_tokens=False).ids)
@@ -37,6 +41,22 @@ class ClipTokenizer:
             next_id += n
         for candidates in self._embeddings.values():
             candidates.sort(key=lambda c: -len(c[0]))
+
+    def named_embeddings(self, prompt: str, quiet: bool = False) -> str:
+        """ComfyUI's `embedding:NAME`: the bare name where NAME is loaded (which then stands for its vectors);
+        otherwise the text stays as written, with a warning naming what is loaded."""
+        if "embedding:" not in prompt:
+            return prompt
+
+        def name(m: re.Match) -> str:
+            if m.group(1).lower() in self._names:
+                return m.group(1)
+            if not quiet:
+                loaded = ", ".join(sorted(self._names)) or "none (--embeddings DIR loads them)"
+                log.warning("embedding %r is not loaded; read as text. Loaded: %s", m.group(1), loaded)
+            return m.group(0)
+
+        return _NAMED.sub(name, prompt)
 
     def _swap(self, ids: list[int]) -> list[int | tuple[int, ...]]:
         """Token ids with every embedding name replaced by the tuple of its ids."""
@@ -61,7 +81,7 @@ class ClipTokenizer:
     def __call__(self, prompts: list[str]) -> np.ndarray:
         n = self.info.max_length
         ids = np.full((len(prompts), n), self.info.pad_id, dtype=np.int32)
-        for row, enc in zip(ids, self._tok.encode_batch(prompts)):
+        for row, enc in zip(ids, self._tok.encode_batch([self.named_embeddings(p) for p in prompts])):
             tokens = enc.ids  # bos ... eos, added by the tokenizer's post-processor
             if self._embeddings:
                 swapped = self._swap(tokens[1:-1])
@@ -82,7 +102,7 @@ class ClipTokenizer:
         """A prompt in A1111's syntax as at most `max_chunks` weighted chunks (warning about what is dropped,
         unless `quiet`). With one chunk allowed there is no comma backtrack: the first 75 tokens are kept, as
         diffusers keeps."""
-        parsed = syntax.parse(prompt)
+        parsed = syntax.parse(self.named_embeddings(prompt, quiet))
         texts = [f[0] for f in parsed if f is not None]
         encoded = iter(self._tok.encode_batch(texts, add_special_tokens=False)) if texts else iter(())
         pieces = [None if f is None else (self._swap(next(encoded).ids), f[1]) for f in parsed]

@@ -98,6 +98,17 @@ def test_sdxl_embedding_with_both_encoders_matches_diffusers(sdxl_bundle, sdxl_f
     assert np.abs(ours(plain, PROMPT, z, guidance_scale=5.0) - mine).max() > 5 * TOL
 
 
+def test_comfyui_names_and_unknown_names(sd1_bundle, tmp_path, caplog):
+    write_safetensors(tmp_path / "mystyle.safetensors", {"emb_params": vectors(2, 64, seed=5)})
+    tok = Pipeline.load(sd1_bundle, backend="ort-cpu", embeddings=tmp_path).text_encoders[0].tokenizer
+    assert tok.chunks("a embedding:MyStyle cat") == tok.chunks("a mystyle cat")  # names match as A1111's do
+    assert len(tok.chunks("a mystyle cat")[0].tokens) < len(tok.chunks("a mystile cat")[0].tokens)
+    with caplog.at_level(logging.WARNING, logger="diffrt.engine.tokenizer"):
+        unknown = tok.chunks("a embedding:nothere cat")
+    assert "'nothere' is not loaded; read as text. Loaded: mystyle" in caplog.text
+    assert unknown == tok.chunks("a embedding:nothere cat", quiet=True)  # the text as written
+
+
 def test_layouts_and_files_that_do_not_fit(tmp_path, caplog):
     write_safetensors(tmp_path / "a1111.safetensors", {"emb_params": vectors(2, 64, 0)})
     write_safetensors(tmp_path / "learned_embeds.safetensors", {"<cat-toy>": vectors(1, 64, 1)[0]})  # diffusers
