@@ -43,6 +43,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         image_range=args.image_range,
         prompt_chunks=args.prompt_chunks,
+        **({"graph_cache": args.graph_cache} if args.graph_cache else {}),
     )
     export_bundle(args.source, args.output, upscaler=args.upscaler, opts=opts)
     return 0
@@ -347,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help=f"longest prompt the UNet takes, in chunks of 75 tokens (default {SDShapes.max_chunks}: 225 tokens); "
         "longer prompts keep their first K chunks",
+    )
+    p.add_argument(
+        "--graph-cache",
+        type=Path,
+        metavar="DIR",
+        help="reuse graphs exported before from the same weights, and keep this export's there (a full copy of "
+        "each graph; default $DIFFRT_GRAPH_CACHE, else none)",
     )
     p.set_defaults(func=cmd_export)
 

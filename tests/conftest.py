@@ -7,9 +7,29 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", os.path.join(tempfile.gettempdir(), "diffrt-test-hf-home"))
 
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
 
 from tests.builders.sd import build_sd, to_inpainting  # noqa: E402
+
+_GRAPHS = None
+
+
+def pytest_configure(config):
+    """One graph cache for the run (diffrt.export.graph_cache): fixtures that export a component again from the
+    same weights (the single-file round trips, the bundle with an upscaler, broken-VAE copies) reuse its graphs
+    and still validate them. Tests of the exporter itself that must trace set their own cache or none."""
+    global _GRAPHS
+    if "DIFFRT_GRAPH_CACHE" not in os.environ:
+        _GRAPHS = tempfile.mkdtemp(prefix="diffrt-test-graphs-")
+        os.environ["DIFFRT_GRAPH_CACHE"] = _GRAPHS
+
+
+def pytest_unconfigure(config):
+    if _GRAPHS is not None:
+        os.environ.pop("DIFFRT_GRAPH_CACHE", None)
+        shutil.rmtree(_GRAPHS, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -105,10 +125,11 @@ def sdxl_refiner_bundle(sdxl_refiner_export):
 
 @pytest.fixture(scope="session")
 def lcm_folder(tmp_path_factory):
-    """Tiny LCM diffusers folder: SD1-style UNet with a guidance-embedding input, LCMScheduler."""
+    """Tiny LCM diffusers folder: SD1-style UNet with a guidance-embedding input, LCMScheduler; the text encoder
+    and VAE are the SD1 fixture's (same seed), as LCM distils a base model's UNet only."""
     from tests.builders.sdxl import build_lcm
 
-    return build_lcm(tmp_path_factory.mktemp("ckpt") / "tiny-lcm", seed=3)
+    return build_lcm(tmp_path_factory.mktemp("ckpt") / "tiny-lcm", seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -123,9 +144,16 @@ def lcm_bundle(lcm_export):
 
 
 @pytest.fixture(scope="session")
-def sd1_inpaint_folder(tmp_path_factory):
-    """Tiny SD1 inpainting checkpoint: a 9-channel UNet (latents, mask, masked-image latents)."""
-    return to_inpainting(build_sd(tmp_path_factory.mktemp("ckpt") / "tiny-sd1-inpaint", "sd1", seed=6), seed=7)
+def sd1_inpaint_folder(sd1_folder, tmp_path_factory):
+    """Tiny SD1 inpainting checkpoint: a 9-channel UNet (latents, mask, masked-image latents); the text encoder
+    and VAE are the base's, as in the released inpainting checkpoints."""
+    return to_inpainting(_copy(sd1_folder, tmp_path_factory, "tiny-sd1-inpaint"), seed=7)
+
+
+def _copy(folder, tmp_path_factory, name):
+    out = tmp_path_factory.mktemp("ckpt") / name
+    shutil.copytree(folder, out)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -136,9 +164,9 @@ def sd1_inpaint_bundle(sd1_inpaint_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sd2_inpaint_folder(tmp_path_factory):
-    """Tiny SD2 inpainting checkpoint: v-prediction, 9-channel UNet."""
-    return to_inpainting(build_sd(tmp_path_factory.mktemp("ckpt") / "tiny-sd2-inpaint", "sd2", seed=10), seed=11)
+def sd2_inpaint_folder(sd2_folder, tmp_path_factory):
+    """Tiny SD2 inpainting checkpoint: v-prediction, 9-channel UNet, the base's text encoder and VAE."""
+    return to_inpainting(_copy(sd2_folder, tmp_path_factory, "tiny-sd2-inpaint"), seed=11)
 
 
 @pytest.fixture(scope="session")
@@ -151,11 +179,10 @@ def sd2_inpaint_bundle(sd2_inpaint_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sdxl_inpaint_folder(tmp_path_factory):
-    """Tiny SDXL inpainting checkpoint (StableDiffusionXLInpaintPipeline, 9-channel UNet)."""
-    from tests.builders.sdxl import build_sdxl
-
-    return to_inpainting(build_sdxl(tmp_path_factory.mktemp("ckpt") / "tiny-sdxl-inpaint", seed=8), seed=9)
+def sdxl_inpaint_folder(sdxl_folder, tmp_path_factory):
+    """Tiny SDXL inpainting checkpoint (StableDiffusionXLInpaintPipeline, 9-channel UNet), the base's encoders
+    and VAE."""
+    return to_inpainting(_copy(sdxl_folder, tmp_path_factory, "tiny-sdxl-inpaint"), seed=9)
 
 
 @pytest.fixture(scope="session")

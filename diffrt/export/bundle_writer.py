@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import onnx
 from diffrt import __version__
 from diffrt.bundle import TOKENIZER, TOKENIZER_2, ComponentEntry, Manifest, ModelInfo, UpscalerInfo, token_table
 from diffrt.errors import BadInput, ValidationFailed
+from diffrt.export import graph_cache
 from diffrt.export.checkpoint import Checkpoint, check_source, load_checkpoint
 from diffrt.export.fp16 import convert_to_fp16
 from diffrt.export.onnx_export import TextEncoder, UNet, VAEDecoder, VAEEncoder, export_onnx, save_onnx
@@ -42,6 +43,12 @@ class ExportOptions:
     image_range: tuple[int, int, int] | None = None  # (min, opt, max) image side; default from the checkpoint
     prompt_chunks: int = SDShapes.max_chunks  # longest prompt the UNet takes, in 75-token chunks
     defaults: dict | None = None  # generation defaults recorded in the manifest (see Manifest.defaults)
+    # graphs exported before from the same weights are reused from here (diffrt.export.graph_cache)
+    graph_cache: Path | None = field(default_factory=lambda: _env_path(graph_cache.ENV))
+
+
+def _env_path(name: str) -> Path | None:
+    return Path(os.environ[name]) if os.environ.get(name) else None
 
 
 @contextlib.contextmanager
@@ -126,13 +133,28 @@ def export_component(
 ) -> tuple[dict, list[Check]]:
     """Export, convert and validate one component. Without `fp16` the FP16 bundle uses the FP32 graph."""
     files = {"fp32": f"onnx/{spec.name}.fp32.onnx", "fp16": f"onnx/{spec.name}.fp16.onnx"}
+    if not fp16:
+        files["fp16"] = files["fp32"]
+    key = graph_cache.graph_key(module, spec, opts.opset, fp32_attention, fp16) if opts.graph_cache else None
+    if key is None or not graph_cache.fetch(opts.graph_cache, key, spec.name, tmp):
+        _export_graphs(module, spec, tmp, files, opts.opset, fp32_attention, fp16)
+    checks: list[Check] = []
+    if opts.validate:
+        with stage(f"{spec.name}: validate against torch"):
+            graphs = {p: tmp / f for p, f in files.items() if p == "fp32" or f != files["fp32"]}
+            checks = validate_component(module, spec, graphs)
+    if key is not None and all(c.passed for c in checks):
+        graph_cache.store(opts.graph_cache, key, spec.name, tmp)
+    gc.collect()
+    return files, checks
+
+
+def _export_graphs(module, spec, tmp: Path, files: dict[str, str], opset: int, fp32_attention: bool, fp16: bool):
     with stage(f"{spec.name}: export fp32 ONNX"):
-        export_onnx(module, spec, tmp / files["fp32"], opts.opset)
+        export_onnx(module, spec, tmp / files["fp32"], opset)
     if not fp16:
         log.info("%s: kept in FP32 in the FP16 bundle (the checkpoint asks for it: force_upcast)", spec.name)
-        files["fp16"] = files["fp32"]
-        checks = validate_component(module, spec, {"fp32": tmp / files["fp32"]}) if opts.validate else []
-        return files, checks
+        return
     with stage(f"{spec.name}: convert to fp16"):
         model = onnx.load(str(tmp / files["fp32"]))
         onnx.checker.check_model(str(tmp / files["fp32"]))
@@ -141,12 +163,6 @@ def export_component(
         save_onnx(half, tmp / files["fp16"])
         del half
         onnx.checker.check_model(str(tmp / files["fp16"]))
-    checks: list[Check] = []
-    if opts.validate:
-        with stage(f"{spec.name}: validate against torch"):
-            checks = validate_component(module, spec, {p: tmp / f for p, f in files.items()})
-    gc.collect()
-    return files, checks
 
 
 @dataclass(frozen=True)
