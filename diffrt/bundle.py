@@ -79,6 +79,15 @@ def token_table(component: str) -> str:
     return f"embeddings/{component}.npy"
 
 
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the graphs LoRAs change
+
+
+def weight_map(component: str) -> str:
+    """Where the bundle says which initializers of a component's graphs hold each Linear / Conv2d weight
+    (diffrt.export.weight_map), as JSON; present in bundles exported since LoRA support."""
+    return f"weights/{component}.json"
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     family: Literal["sd1", "sd2", "sdxl"]  # label only: behaviour follows the fields below and the specs

@@ -30,15 +30,18 @@ class Backend(Protocol):
     name: str
     precision: str  # which ONNX files it reads: "fp32" or "fp16"
 
-    def load(self, spec: ComponentSpec, path: Path) -> Session: ...
+    def load(self, spec: ComponentSpec, path: Path, weights: dict[str, np.ndarray] | None = None) -> Session:
+        """A session of the graph at `path`; `weights` replace initializers held in its external data (LoRAs)."""
+        ...
 
 
 class OrtSession:
     """An ONNX Runtime session that returns outputs by name."""
 
-    def __init__(self, sess: ort.InferenceSession, spec: ComponentSpec):
+    def __init__(self, sess: ort.InferenceSession, spec: ComponentSpec, keep=None):
         self.sess = sess
         self.outputs = [t.name for t in spec.outputs]
+        self.keep = keep  # replacement weights: ORT reads them from this memory for the session's life
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
@@ -60,8 +63,21 @@ class OrtCpuBackend:
             opts.intra_op_num_threads = self.threads
         return opts
 
-    def load(self, spec: ComponentSpec, path: Path) -> Session:
-        return OrtSession(ort.InferenceSession(str(path), self.options(), providers=["CPUExecutionProvider"]), spec)
+    def load(self, spec: ComponentSpec, path: Path, weights: dict[str, np.ndarray] | None = None) -> Session:
+        opts = self.options()
+        keep = replace_weights(opts, weights)
+        return OrtSession(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), spec, keep)
+
+
+def replace_weights(opts: ort.SessionOptions, weights: dict[str, np.ndarray] | None) -> list | None:
+    """Give a session replacement weights for initializers in external data. As external initializers they are
+    in the graph before ONNX Runtime folds constants; `add_initializer` overrides are dropped where a weight is
+    folded (a Linear weight's Transpose), silently. Returns what must outlive the session."""
+    if not weights:
+        return None
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(w)) for w in weights.values()]
+    opts.add_external_initializers(list(weights), values)
+    return values
 
 
 class OrtCudaSession:
@@ -110,10 +126,13 @@ class OrtCudaBackend:
     def __init__(self, cuda_graph: bool = True):
         self.cuda_graph = cuda_graph
 
-    def load(self, spec: ComponentSpec, path: Path) -> Session:
+    def load(self, spec: ComponentSpec, path: Path, weights: dict[str, np.ndarray] | None = None) -> Session:
+        keep = []
+
         def make_session(cuda_graph: bool) -> ort.InferenceSession:
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
+            keep.append(replace_weights(opts, weights))
             provider = ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"})
             return ort.InferenceSession(str(path), opts, providers=[provider])
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffrt.bundle import TOKENIZER, TOKENIZER_2, Manifest, load_manifest, load_token_table
+from diffrt.bundle import LORA_COMPONENTS, TOKENIZER, TOKENIZER_2, Manifest, load_manifest, load_token_table
 from diffrt.engine.backends import Backend, Session, make_backend
 from diffrt.engine.conditioning import (
     Prompts,
@@ -35,6 +35,7 @@ from diffrt.engine.conditioning import (
 from diffrt.engine.embeddings import Embedding, load_embeddings
 from diffrt.engine.hires import resize_latents
 from diffrt.engine.images import blurred, init_image_array, to_hwc, to_pil
+from diffrt.engine.lora import WeightMap, merged_weights, read_lora
 from diffrt.engine.request import (
     REFINER_AT,
     Request,
@@ -50,6 +51,18 @@ from diffrt.engine.tokenizer import ClipTokenizer
 from diffrt.errors import BadInput, NonFiniteOutput
 
 log = logging.getLogger(__name__)
+
+
+LORA_SETS = 4  # merged LoRA sets kept in memory (each holds a copy of the weights it changes)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """A file's modification time and size: a LoRA written again is read again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (0, 0)  # read_lora names the missing file
+    return (st.st_mtime_ns, st.st_size)
 
 
 def _offset(callback: Callable[[int, int], None] | None, done: int, total: int):
@@ -79,6 +92,8 @@ class Pipeline:
             self.sessions[name] = backend.load(entry.spec, path)
         # in order: the first encoder takes `prompt`, the next `prompt_2` (SDXL); the SDXL refiner has only
         # the second encoder, which then takes `prompt`, as diffusers' refiner pipeline pairs them
+        pairs = (("text_encoder", manifest.tokenizer), ("text_encoder_2", manifest.tokenizer_2))
+        self._encoder_names = [name for name, info in pairs if info is not None]
         self.text_encoders = [
             TextEncoder(
                 ClipTokenizer(bundle / rel, info),
@@ -99,6 +114,11 @@ class Pipeline:
         self.refiner: Pipeline | None = None  # SDXL: the model that finishes the schedule (load(refiner=))
         self.embeddings: dict[str, Embedding] = {}  # textual inversion, by name (use_embeddings)
         self.latest_sample: np.ndarray | None = None  # the last latents the UNet saw (VP): for progress previews
+        self._weight_map: WeightMap | None = None  # read at the first LoRA
+        self._lora_key: tuple = ()  # the LoRA set merged into the sessions; () the base weights
+        self._lora_sets: dict[tuple, dict] = {}  # LoRA set -> merged weights per component, oldest first
+        self._merged_in: dict[str, bool] = {}
+        self.lora_switch_s = 0.0  # seconds the last LoRA switch took (merge + new sessions)
 
     @classmethod
     def load(
@@ -198,7 +218,40 @@ class Pipeline:
     def generate(self, request: Request, callback: Callable[[int, int], None] | None = None) -> PipelineOutput:
         r = self.check_request(request)
         with self._lock:
+            self._use_loras(r.loras)
             return self._generate(r, callback)
+
+    def _use_loras(self, loras: tuple[tuple[Path, float], ...]) -> None:
+        """Make the sessions of the components LoRAs change again, with `loras` merged into the base weights,
+        unless they are the ones in use. Merged weights are kept for the last LORA_SETS sets."""
+        key = tuple((str(f.resolve()), _stamp(f), scale) for f, scale in loras if scale)
+        if key == self._lora_key:
+            return
+        start = time.perf_counter()
+        merged = self._lora_sets.pop(key, None)
+        if merged is None:
+            if self._weight_map is None:
+                self._weight_map = WeightMap(self.bundle, [c for c in LORA_COMPONENTS if c in self.sessions])
+            updates = [(read_lora(f, self._weight_map), scale) for f, scale in loras if scale]
+            merged = merged_weights(self.bundle, self._weight_map, updates, self.backend.precision)
+        self._lora_sets[key] = merged
+        while len(self._lora_sets) > LORA_SETS:
+            self._lora_sets.pop(next(iter(self._lora_sets)))
+        for name in LORA_COMPONENTS:
+            if name in self.sessions and (merged.get(name) or self._merged_in.get(name)):
+                entry = self.manifest.components[name]
+                path = self.bundle / entry.files.get(self.backend.precision, entry.files["fp32"])
+                self._set_session(name, self.backend.load(entry.spec, path, merged.get(name) or None))
+        self._merged_in = {name: bool(w) for name, w in merged.items()}
+        self._lora_key = key
+        self.lora_switch_s = time.perf_counter() - start
+        log.info("LoRAs %s in %.2f s", ", ".join(f"{f.name}:{s:g}" for f, s in loras) or "off", self.lora_switch_s)
+
+    def _set_session(self, name: str, session: Session) -> None:
+        self.sessions[name] = session
+        for i, encoder in enumerate(self.text_encoders):
+            if self._encoder_names[i] == name:
+                self.text_encoders[i] = replace(encoder, session=session)
 
     def warm_up(self) -> None:
         """One small real generation of the bundle's usual job (sessions allocate, graphs are captured)."""

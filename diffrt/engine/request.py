@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -73,6 +74,8 @@ class Request:
     hires: HiresOptions | None = None
     # SDXL base -> refiner (a Pipeline loaded with refiner=): the share of the schedule the base runs
     refiner_at: float | None = None  # None: REFINER_AT when a refiner is loaded
+    # LoRAs merged for this call: (safetensors file, scale) pairs, e.g. [("style.safetensors", 0.8)]
+    loras: Sequence[tuple[str | Path, float]] = ()
     # set by resolve(): the decoded images and the sha256 of the init image (file bytes, else pixels)
     image_sha256: str | None = field(default=None, repr=False)
     resolved: bool = field(default=False, repr=False)
@@ -219,6 +222,7 @@ class Request:
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             if not isinstance(getattr(self, name), int | float) or not math.isfinite(getattr(self, name)):
                 raise BadInput(f"{name} must be a finite number", name)
+        loras = _loras(self.loras)
         return replace(
             self,
             prompt=prompts,
@@ -236,6 +240,7 @@ class Request:
             mask_blur=blur,
             clip_skip=clip_skip,
             hires=hires,
+            loras=loras,
             image_sha256=sha,
             **sizes,
             resolved=True,
@@ -357,6 +362,20 @@ def combine(requests: Sequence[Request]) -> Request:
         seed=tuple(s for r in requests for s in r.seeds),
         num_images=sum(r.num_images for r in requests),
     )
+
+
+def _loras(loras) -> tuple[tuple[Path, float], ...]:
+    """(file, scale) pairs, the file as given (a path: services resolve names before), the scale checked."""
+    from diffrt.engine.lora import check_scale
+
+    try:
+        pairs = [(Path(f), s) for f, s in loras]
+    except (TypeError, ValueError):
+        raise BadInput(f"loras must be (file, scale) pairs, got {loras!r}"[:200], "loras") from None
+    try:
+        return tuple((f, check_scale(s, f.name)) for f, s in pairs)
+    except BadInput as e:
+        raise BadInput(str(e), "loras") from None
 
 
 def _int(value: Any, name: str, low: int, default: int | None = None) -> int:

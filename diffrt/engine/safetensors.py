@@ -1,4 +1,4 @@
-"""A safetensors reader in NumPy for small untrusted files (textual inversion embeddings), with limits.
+"""A safetensors reader in NumPy for untrusted files (textual inversion embeddings, LoRAs), with limits.
 
 The format: an 8-byte little-endian header length, that many bytes of JSON naming each tensor's dtype, shape
 and byte range in the data that follows (and an optional "__metadata__" of strings). Nothing is executed; every
@@ -15,7 +15,7 @@ import numpy as np
 
 from diffrt.errors import BadInput
 
-MAX_HEADER = 1 << 20  # bytes of JSON; embedding files carry a few hundred
+MAX_HEADER = 1 << 25  # bytes of JSON: kohya LoRAs carry ~2000 tensor entries and training metadata
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
 
@@ -58,3 +58,21 @@ def read_safetensors(path: Path, max_bytes: int) -> dict[str, np.ndarray]:
             array = (array.astype(np.uint32) << 16).view(np.float32)
         out[name] = array.astype(np.float32)
     return out
+
+
+def safetensors_metadata(path: Path, max_bytes: int) -> dict[str, str]:
+    """The file's "__metadata__" (string to string), {} where it has none or it is not that."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return {}
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER, max_bytes):
+            return {}
+        try:
+            meta = json.loads(f.read(n)).get("__metadata__", {})
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return {}
+    if not isinstance(meta, dict):
+        return {}
+    return {k: v for k, v in meta.items() if isinstance(k, str) and isinstance(v, str)}

@@ -319,7 +319,12 @@ class TensorRTBackend:
         self.stream = _ok(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "stream")
         self.activations = SharedActivations(self.stream)
 
-    def load(self, spec: ComponentSpec, path: Path) -> TensorRTSession:
+    def load(self, spec: ComponentSpec, path: Path, weights: dict | None = None) -> TensorRTSession:
+        if weights:
+            raise BadInput(
+                "LoRAs switched at run time need ONNX Runtime for now (refitting TensorRT plans is not built yet); "
+                "use --backend ort-cuda or ort-cpu"
+            )
         rel = self.manifest.components[spec.name].files.get("fp16")
         if rel is None:
             raise BadInput(f"{spec.name} has no FP16 graph, which TensorRT plans are built from; re-export the bundle")

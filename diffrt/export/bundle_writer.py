@@ -18,7 +18,17 @@ import numpy as np
 import onnx
 
 from diffrt import __version__
-from diffrt.bundle import TOKENIZER, TOKENIZER_2, ComponentEntry, Manifest, ModelInfo, UpscalerInfo, token_table
+from diffrt.bundle import (
+    LORA_COMPONENTS,
+    TOKENIZER,
+    TOKENIZER_2,
+    ComponentEntry,
+    Manifest,
+    ModelInfo,
+    UpscalerInfo,
+    token_table,
+    weight_map,
+)
 from diffrt.errors import BadInput, ValidationFailed
 from diffrt.export import graph_cache
 from diffrt.export.checkpoint import Checkpoint, check_source, load_checkpoint
@@ -26,6 +36,7 @@ from diffrt.export.fp16 import convert_to_fp16
 from diffrt.export.onnx_export import TextEncoder, UNet, VAEDecoder, VAEEncoder, export_onnx, save_onnx
 from diffrt.export.tokenizer import export_tokenizer
 from diffrt.export.validate import HEADER, Check, validate_component
+from diffrt.export.weight_map import externalize, write_weight_map
 from diffrt.specs import MAX_CLIP_SKIP, SDShapes, sd_specs, upscaler_spec
 
 log = logging.getLogger("diffrt.export")
@@ -135,9 +146,16 @@ def export_component(
     files = {"fp32": f"onnx/{spec.name}.fp32.onnx", "fp16": f"onnx/{spec.name}.fp16.onnx"}
     if not fp16:
         files["fp16"] = files["fp32"]
-    key = graph_cache.graph_key(module, spec, opts.opset, fp32_attention, fp16) if opts.graph_cache else None
+    lora = spec.name in LORA_COMPONENTS  # weights in external data, and a map of them (diffrt.export.weight_map)
+    key = graph_cache.graph_key(module, spec, opts.opset, fp32_attention, fp16, lora) if opts.graph_cache else None
     if key is None or not graph_cache.fetch(opts.graph_cache, key, spec.name, tmp):
         _export_graphs(module, spec, tmp, files, opts.opset, fp32_attention, fp16)
+        if lora:
+            for f in set(files.values()):
+                externalize(tmp / f)
+    if lora:
+        with stage(f"{spec.name}: map the weights LoRAs change"):
+            write_weight_map(module, {p: tmp / f for p, f in files.items()}, tmp / weight_map(spec.name))
     checks: list[Check] = []
     if opts.validate:
         with stage(f"{spec.name}: validate against torch"):

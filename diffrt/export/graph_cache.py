@@ -40,13 +40,15 @@ def _plain(value) -> bool:
     return isinstance(value, _PLAIN)
 
 
-def graph_key(module: torch.nn.Module, spec: ComponentSpec, opset: int, fp32_attention: bool, fp16: bool) -> str:
+def graph_key(
+    module: torch.nn.Module, spec: ComponentSpec, opset: int, fp32_attention: bool, fp16: bool, external: bool = False
+) -> str:
     """Hex digest naming what the export of `module` to `spec` depends on."""
     h = hashlib.sha256()
     tools = {d: metadata.version(d) for d in ("torch", "onnx", "onnxscript", "diffusers", "transformers")
              if _installed(d)}  # fmt: skip
     head = {"diffrt": __version__, "tools": tools, "opset": opset, "fp32_attention": fp32_attention,
-            "fp16": fp16, "spec": spec.to_dict()}  # fmt: skip
+            "fp16": fp16, "external": external, "spec": spec.to_dict()}  # fmt: skip
     h.update(json.dumps(head, sort_keys=True).encode())
     for name, sub in module.named_modules():
         attrs = {k: v if _plain(v) else type(v).__qualname__

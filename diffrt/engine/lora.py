@@ -1,0 +1,198 @@
+"""LoRAs merged into a bundle's graphs at run time, in NumPy, always from the base weights.
+
+Files are read with the bounded safetensors reader (never pickle). Layouts:
+- kohya / A1111: `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`, `lora_te2_`) with `.lora_down.weight`,
+  `.lora_up.weight` and `.alpha`; module names are diffusers' with dots as underscores;
+- diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.`, `text_encoder_2.`), alpha
+  from the file's `lora_adapter_metadata`, else the rank; and the older attention-processor layout
+  (`...attn1.processor.to_q_lora.down.weight`).
+Linear and Conv2d (1x1 and 3x3) weights: W += scale * alpha / rank * up @ down. The bundle's weight map
+(diffrt.export.weight_map) says which graph initializers hold each weight; the merged ones are handed to the
+backend as replacements when the component's session is made again."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffrt.bundle import LORA_COMPONENTS, weight_map
+from diffrt.engine.safetensors import read_safetensors, safetensors_metadata
+from diffrt.errors import BadInput
+
+MAX_LORA_BYTES = 4 << 30  # SDXL LoRAs of rank 128 are about 900 MB
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}  # fmt: skip
+PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+PICKLES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One weight's low-rank update: delta = alpha / rank * up @ down (before the user's scale)."""
+
+    component: str
+    weight: str  # the weight's name in the bundle's weight map
+    up: np.ndarray  # (out, rank[, 1, 1])
+    down: np.ndarray  # (rank, in[, kh, kw])
+    alpha: float
+
+    def delta(self, shape: tuple[int, ...]) -> np.ndarray:
+        rank = self.down.shape[0]
+        product = self.up.reshape(self.up.shape[0], rank) @ self.down.reshape(rank, -1)
+        if product.size != math.prod(shape):
+            raise ValueError(f"update of shape {product.shape} for a weight of shape {list(shape)}")
+        return (self.alpha / rank) * product.reshape(shape)
+
+
+class WeightMap:
+    """A bundle's weight maps: weight name -> initializers, per component and precision, and a lookup from
+    kohya's underscored module names."""
+
+    def __init__(self, bundle: Path, components: list[str]):
+        self.maps: dict[str, dict] = {}
+        for name in components:
+            path = Path(bundle) / weight_map(name)
+            if not path.is_file():
+                raise BadInput(f"{Path(bundle).name} was exported before LoRA support; re-export it to use LoRAs")
+            self.maps[name] = json.loads(path.read_text())
+        self.underscored = {
+            (component, w.removesuffix(".weight").replace(".", "_")): w
+            for component, m in self.maps.items()
+            for w in m["fp32"]
+        }
+
+    def weights(self, component: str) -> dict[str, list[dict]]:
+        return self.maps[component]["fp32"]
+
+    def targets(self, component: str, precision: str) -> dict[str, list[dict]]:
+        m = self.maps[component]
+        return m.get(precision, m["fp32"])
+
+
+def _peft_alpha(metadata: dict[str, str]) -> dict[str, float]:
+    """Alpha by component from diffusers' `lora_adapter_metadata` (its LoraConfig per component, flattened as
+    "unet.lora_alpha"); per-module alpha_pattern entries are not read."""
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    return {
+        key.removesuffix(".lora_alpha"): float(value)
+        for key, value in config.items()
+        if key.endswith(".lora_alpha") and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+_PEFT_PART = re.compile(r"^(?P<module>.+?)\.(?:lora_(?P<ab>[AB])|(?P<old>lora\.(?:down|up)))\.weight$")
+_OLD_PROCESSOR = re.compile(r"\.processor\.(to_[qkv]|to_out)_lora$")
+
+
+def _split(key: str) -> tuple[str, str, str] | None:
+    """(component, module, part) of one key; part is down / up / alpha; None for keys of no known layout."""
+    for prefix, component in sorted(KOHYA_PREFIXES.items(), key=lambda p: -len(p[0])):
+        if key.startswith(prefix):
+            module, _, part = key[len(prefix) :].partition(".")
+            part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(part)
+            return (component, "kohya:" + module.removeprefix("text_model_"), part) if part else None
+    for prefix, component in sorted(PEFT_PREFIXES.items(), key=lambda p: -len(p[0])):
+        if key.startswith(prefix):
+            rest = key[len(prefix) :]
+            if rest.endswith(".alpha"):
+                return component, rest.removesuffix(".alpha"), "alpha"
+            m = _PEFT_PART.match(rest)
+            if m is None:
+                return None
+            part = "down" if m["ab"] == "A" or (m["old"] or "").endswith("down") else "up"
+            module = _OLD_PROCESSOR.sub(lambda p: "." + ("to_out.0" if p[1] == "to_out" else p[1]), m["module"])
+            return component, module.removeprefix("text_model."), part
+    return None
+
+
+def read_lora(path: Path, wmap: WeightMap) -> list[LoraModule]:
+    """The updates of the LoRA file at `path`, resolved against the bundle's weights; BadInput naming the file
+    for a pickle, a corrupt file, keys of no known layout or of no weight here, or shapes of another model."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLES:
+        raise BadInput(f"{path.name}: LoRAs are read from .safetensors only (a {path.suffix} file is a pickle)")
+    if not path.is_file():
+        raise BadInput(f"LoRA {path} does not exist")
+    tensors = read_safetensors(path, MAX_LORA_BYTES)
+    alphas = _peft_alpha(safetensors_metadata(path, MAX_LORA_BYTES))
+    parts: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    unknown = []
+    for key, array in tensors.items():
+        split = _split(key)
+        if split is None or split[0] not in wmap.maps:
+            unknown.append(key)
+            continue
+        parts.setdefault(split[:2], {})[split[2]] = array
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise BadInput(f"{path.name}: {len(unknown)} keys of no known LoRA layout or component here: {shown}")
+    modules, missing = [], []
+    for (component, module), p in sorted(parts.items()):
+        if module.startswith("kohya:"):
+            weight = wmap.underscored.get((component, module.removeprefix("kohya:")))
+        else:
+            weight = module + ".weight" if module + ".weight" in wmap.weights(component) else None
+        if weight is None:
+            missing.append(f"{component}:{module.removeprefix('kohya:')}")
+            continue
+        if "down" not in p or "up" not in p:
+            raise BadInput(f"{path.name}: {module.removeprefix('kohya:')} has no {'up' if 'down' in p else 'down'} "
+                           "matrix; the file is incomplete")  # fmt: skip
+        rank = p["down"].shape[0]
+        default = alphas.get(component, rank)
+        alpha = float(p["alpha"].reshape(-1)[0]) if "alpha" in p else default
+        modules.append(LoraModule(component, weight, p["up"], p["down"], alpha))
+    if missing:
+        raise BadInput(f"{path.name} changes weights this bundle does not have ({', '.join(missing[:3])}"
+                       f"{' ...' if len(missing) > 3 else ''}): it was made for another model")  # fmt: skip
+    for m in modules:
+        shape = tuple(wmap.weights(m.component)[m.weight][0]["shape"])
+        target = shape[::-1] if wmap.weights(m.component)[m.weight][0]["transposed"] else shape
+        try:
+            m.delta(target)
+        except ValueError as e:
+            raise BadInput(f"{path.name}: {m.weight} of {m.component}: {e}; the LoRA was made for another model") \
+                from None  # fmt: skip
+    return modules
+
+
+def check_scale(scale: float, name: str) -> float:
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 0:
+        raise BadInput(f"LoRA {name}: scale {scale!r} must be a finite number ≥ 0")
+    return float(scale)
+
+
+def merged_weights(
+    bundle: Path, wmap: WeightMap, loras: list[tuple[list[LoraModule], float]], precision: str
+) -> dict[str, dict[str, np.ndarray]]:
+    """component -> {initializer: merged weight} for the LoRA set (each LoRA's modules and scale), every update
+    added to the base weights as the bundle holds them (FP32, or FP16 rounded once after the sum)."""
+    deltas: dict[tuple[str, str], np.ndarray] = {}
+    for modules, scale in loras:
+        for m in modules:
+            entry = wmap.weights(m.component)[m.weight][0]
+            shape = tuple(entry["shape"])[::-1] if entry["transposed"] else tuple(entry["shape"])
+            d = scale * m.delta(shape)
+            key = (m.component, m.weight)
+            deltas[key] = deltas[key] + d if key in deltas else d
+    out: dict[str, dict[str, np.ndarray]] = {c: {} for c in LORA_COMPONENTS if c in wmap.maps}
+    for (component, weight), delta in deltas.items():
+        targets = wmap.targets(component, precision).get(weight)
+        if not targets:
+            raise BadInput(f"{Path(bundle).name}: the {precision} {component} graph has no {weight}; re-export it")
+        for t in targets:
+            base = np.memmap(Path(bundle) / "onnx" / t["file"], dtype=t["dtype"], mode="r", offset=t["offset"],
+                             shape=tuple(t["shape"]))  # fmt: skip
+            d = delta.T if t["transposed"] else delta
+            out[component][t["initializer"]] = (base.astype(np.float32) + d).astype(t["dtype"])
+    return out

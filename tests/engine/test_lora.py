@@ -1,0 +1,136 @@
+"""LoRAs switched per request on the tiny SD1 bundle: the pictures are diffusers' (load_lora_weights +
+set_adapters) from the same latents, for kohya and PEFT files touching the UNet (Linear and 3x3 conv) and the
+text encoder, at two scales and two LoRAs at once; switching never drifts; bad files are one line."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from diffrt import Pipeline
+from diffrt.errors import BadInput
+from tests.builders.lora import build_lora
+
+STEPS, TOL = 4, 1 / 255
+PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
+
+
+@pytest.fixture(scope="module")
+def loras(sd1_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "kohya": build_lora(root / "style.safetensors", sd1_folder, "kohya", seed=1, alpha=2.0),
+        "peft": build_lora(root / "other.safetensors", sd1_folder, "peft", seed=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def pipe(sd1_bundle):
+    return Pipeline.load(sd1_bundle, backend="ort-cpu")
+
+
+def latents():
+    return np.random.default_rng(5).standard_normal((1, 4, 8, 8), dtype=np.float32)
+
+
+def ours(pipe, loras=()):
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, scheduler="euler", latents=latents(),
+               height=64, width=64, upscale=False, output_type="np", loras=loras)  # fmt: skip
+    return out.images[0]
+
+
+def theirs(folder, loras=()):
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    names = []
+    for i, (path, _) in enumerate(loras):
+        ref.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=f"l{i}")
+        names.append(f"l{i}")
+    if names:
+        ref.set_adapters(names, adapter_weights=[s for _, s in loras])
+    with torch.no_grad():
+        out = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, latents=torch.from_numpy(latents()),
+                  height=64, width=64, output_type="np").images[0]  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(
+    "case",
+    [[("kohya", 1.0)], [("kohya", 0.5)], [("peft", 1.0)], [("peft", 0.5)], [("kohya", 0.7), ("peft", 0.4)]],
+    ids=["kohya-1", "kohya-0.5", "peft-1", "peft-0.5", "both"],
+)
+def test_lora_matches_diffusers(pipe, loras, sd1_folder, case):
+    chosen = [(loras[k], s) for k, s in case]
+    got, want = ours(pipe, chosen), theirs(sd1_folder, chosen)
+    assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
+    # the tolerance tells the LoRA, and its scale, apart
+    assert np.abs(got - ours(pipe)).max() > 10 * TOL
+    half = [(f, s / 2) for f, s in chosen]
+    assert np.abs(got - ours(pipe, half)).max() > 3 * TOL
+
+
+def test_switching_a_b_none_is_bit_exact_with_fresh_pipelines(sd1_bundle, loras):
+    a, b = [(loras["kohya"], 0.8)], [(loras["peft"], 1.0)]
+    one = Pipeline.load(sd1_bundle, backend="ort-cpu")
+    seq = [ours(one, a), ours(one, b), ours(one), ours(one, a)]
+    fresh = [ours(Pipeline.load(sd1_bundle, backend="ort-cpu"), x) for x in (a, b, ())]
+    for got, want in zip(seq, fresh + fresh[:1]):
+        np.testing.assert_array_equal(got, want)
+    assert one.lora_switch_s > 0
+
+
+def test_a_lora_written_again_is_read_again(pipe, loras, sd1_folder, tmp_path):
+    path = tmp_path / "changing.safetensors"
+    shutil.copy(loras["kohya"], path)
+    first = ours(pipe, [(path, 1.0)])
+    build_lora(path, sd1_folder, "kohya", seed=9)
+    assert np.abs(ours(pipe, [(path, 1.0)]) - first).max() > 10 * TOL
+
+
+def test_scale_zero_is_the_base_model(pipe, loras):
+    np.testing.assert_array_equal(ours(pipe, [(loras["kohya"], 0.0)]), ours(pipe))
+
+
+def _one_line(excinfo, *words):
+    message = str(excinfo.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_bad_loras_are_one_line_each(pipe, loras, sd2_folder, tmp_path):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(loras["kohya"].read_bytes()[:200])
+    with pytest.raises(BadInput) as e:
+        ours(pipe, [(corrupt, 1.0)])
+    _one_line(e, "corrupt.safetensors")
+    pickle = tmp_path / "style.pt"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(BadInput) as e:
+        ours(pipe, [(pickle, 1.0)])
+    _one_line(e, "style.pt", "safetensors")
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(loras["kohya"]))
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({**tensors, "lora_vae_decoder_conv_in.lora_down.weight": np.ones((4, 4), np.float32)}, str(unknown))
+    with pytest.raises(BadInput) as e:
+        ours(pipe, [(unknown, 1.0)])
+    _one_line(e, "unknown.safetensors", "lora_vae_decoder_conv_in")
+    other = build_lora(tmp_path / "sd2.safetensors", sd2_folder, "kohya", seed=3)  # another model's shapes
+    with pytest.raises(BadInput) as e:
+        ours(pipe, [(other, 1.0)])
+    _one_line(e, "sd2.safetensors", "another model")
+    for scale in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(BadInput) as e:
+            ours(pipe, [(loras["kohya"], scale)])
+        assert e.value.field == "loras"
+        _one_line(e, "scale")
+    with pytest.raises(BadInput) as e:
+        ours(pipe, [(tmp_path / "missing.safetensors", 1.0)])
+    _one_line(e, "missing.safetensors", "does not exist")
+    np.testing.assert_array_equal(ours(pipe), ours(Pipeline.load(pipe.bundle, backend="ort-cpu")))  # unharmed
