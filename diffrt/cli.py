@@ -114,6 +114,38 @@ def add_embedding_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def lora_arg(text: str) -> tuple[str, float]:
+    """`FILE[:SCALE]` -> (FILE, SCALE); the scale is 1 when left out."""
+    name, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return name, float(tail)
+        except ValueError:
+            pass
+    if not text:
+        raise argparse.ArgumentTypeError("expected FILE[:SCALE], e.g. style.safetensors:0.8")
+    return text, 1.0
+
+
+def add_lora_flags(p: argparse.ArgumentParser, files: bool = True) -> None:
+    if files:
+        p.add_argument(
+            "--lora",
+            type=lora_arg,
+            action="append",
+            default=[],
+            metavar="FILE[:SCALE]",
+            help="merge a LoRA (.safetensors) at SCALE (default 1); repeat for several; a name is looked up in "
+            "--lora-dir",
+        )
+    p.add_argument(
+        "--lora-dir",
+        type=Path,
+        metavar="DIR",
+        help="LoRAs that requests and <lora:NAME:SCALE> prompt tags call by file name, as A1111's",
+    )
+
+
 def request_from_args(args: argparse.Namespace):
     """The generate flags as one Request; flags left out stay None, so the Request's defaults apply."""
     from diffrt.engine.request import Request
@@ -138,6 +170,7 @@ def request_from_args(args: argparse.Namespace):
         "mask_blur": args.mask_blur,
         "hires": hires_from_args(args),
         "refiner_at": args.refiner_at,
+        "loras": tuple(args.lora) or None,
         **{name: getattr(args, name) for name in SDXL_FLAGS},
     }
     return Request(args.prompt, **{k: v for k, v in fields.items() if v is not None})
@@ -170,6 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         refiner=args.refiner,
         embeddings=args.embeddings,
         allow_pickle=args.allow_pickle,
+        lora_dir=args.lora_dir,
     )
     given = [flag for name, flag in SDXL_FLAGS.items() if getattr(args, name) is not None]
     if pipe.manifest.model.family != "sdxl" and given:
@@ -227,6 +261,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompt_syntax=args.prompt_syntax or BenchSettings.prompt_syntax,
         clip_skip=args.clip_skip,
         embeddings=args.embeddings,
+        loras=tuple(args.lora),
+        lora_dir=args.lora_dir,
     )
     bar = tqdm(total=args.warmup + args.runs, desc="bench", unit="run", disable=args.quiet, leave=False)
     report = run_bench(args.bundle, settings, progress=lambda: bar.update(1))
@@ -420,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"blur of the paste-back mask in pixels (default {Request.mask_blur})",
     )
     add_embedding_flags(p)
+    add_lora_flags(p)
     add_hires_flags(p)
     refine = p.add_argument_group("SDXL base -> refiner")
     refine.add_argument("--refiner", type=Path, metavar="BUNDLE", help="an SDXL bundle that finishes the schedule")
@@ -453,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-syntax", choices=SYNTAXES, help="a1111 (default) or plain")
     p.add_argument("--clip-skip", type=int, metavar="N", help="A1111's Clip skip (default: the bundle's, 1)")
     p.add_argument("--embeddings", type=Path, metavar="DIR", help="textual inversion embeddings the prompt may call")
+    add_lora_flags(p)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--no-upscale", action="store_true")

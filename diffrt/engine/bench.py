@@ -38,6 +38,8 @@ class BenchSettings:
     prompt_syntax: str = "a1111"
     clip_skip: int | None = None
     embeddings: str | None = None  # a textual inversion folder (Pipeline.load(embeddings=))
+    loras: tuple[tuple[str, float], ...] = ()  # LoRAs merged into every run (the switch is timed as lora_switch)
+    lora_dir: str | None = None
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -76,7 +78,7 @@ def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
     t0 = time.perf_counter()
     from diffrt.engine.pipeline import Pipeline
 
-    pipe = Pipeline.load(bundle, backend=s.backend, threads=s.threads, embeddings=s.embeddings)
+    pipe = Pipeline.load(bundle, backend=s.backend, threads=s.threads, embeddings=s.embeddings, lora_dir=s.lora_dir)
     load_s = time.perf_counter() - t0
     request = Request(
         s.prompt,
@@ -91,8 +93,10 @@ def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
         upscale=s.upscale,
         output_type="np",
         hires=s.hires,
+        loras=s.loras,
     )
     request = pipe.check_request(request)  # the bundle's defaults, reported below
+    lora_switch_s = pipe.use_loras(request.loras) if request.loras else None  # merge, make the sessions again
     for i in range(s.warmup):
         pipe.generate(replace(request, seed=tuple(range(i, i + s.batch))))
         if progress:
@@ -136,6 +140,7 @@ def run_bench(bundle: str | Path, s: BenchSettings, progress=None) -> dict:
         },
         "environment": environment(s.threads),
         "load_s": load_s,
+        "lora_switch_s": lora_switch_s,
         "stages": stages,
         "end_to_end": {**stages["total"], "images_per_s": s.batch / total if total > 0 else 0.0},
         "host_overhead": {**stats(overhead), "share_of_total": float(np.median(overhead)) / total if total else 0},
@@ -161,6 +166,7 @@ def format_table(report: dict) -> str:
         f"end to end: median {e['median_ms']:.1f} ms, p90 {e['p90_ms']:.1f} ms, {e['images_per_s']:.2f} images/s",
         f"host overhead (total - model calls): median {h['median_ms']:.2f} ms = {100 * h['share_of_total']:.2f} %",
         f"bundle load {report['load_s']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB"
+        + (f", LoRA switch {report['lora_switch_s']:.2f} s" if report.get("lora_switch_s") is not None else "")
         + (f", peak device {report['peak_device_mb']:.0f} MB" if report["peak_device_mb"] else ""),
     ]
     return "\n".join(lines)

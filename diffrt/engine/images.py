@@ -74,6 +74,8 @@ def parameters_text(prompt: str, negative_prompt: str | None, p: dict, index: in
         fields.append(f"Denoising strength: {p['hires_strength']:g}")
     if p.get("mask_blur") is not None:
         fields.append(f"Mask blur: {p['mask_blur']}")
+    if p.get("loras"):  # A1111's words: the scales are in the prompt's <lora:NAME:SCALE> tags (or the CLI's --lora)
+        fields.append('Lora hashes: "' + ", ".join(f"{x['name']}: {x['hash']}" for x in p["loras"]) + '"')
     if p.get("refiner_at") is not None:  # A1111's words for its SDXL refiner
         fields.append(f"Refiner: {(p.get('refiner_hash') or 'refiner')[:10]}")
         fields.append(f"Refiner switch at: {p['refiner_at']:g}")

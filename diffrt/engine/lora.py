@@ -12,9 +12,14 @@ backend as replacements when the component's session is made again."""
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
+import logging
 import math
 import re
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +34,9 @@ KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_":
                   "lora_te2_": "text_encoder_2"}  # fmt: skip
 PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
 PICKLES = (".pt", ".pth", ".bin", ".ckpt")
+SUFFIX = ".safetensors"
+LORA_TAG = re.compile(r"<lora:([^<>]*)>")  # A1111's extra-network tag in a prompt
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -196,3 +204,72 @@ def merged_weights(
             d = delta.T if t["transposed"] else delta
             out[component][t["initializer"]] = (base.astype(np.float32) + d).astype(t["dtype"])
     return out
+
+
+def lora_tags(text: str) -> tuple[str, list[tuple[str, float]]]:
+    """A1111's `<lora:NAME>` and `<lora:NAME:SCALE>` taken out of a prompt: (the text without them, [(NAME, SCALE)])."""
+    found: list[tuple[str, float]] = []
+
+    def take(m: re.Match) -> str:
+        name, *scales = (part.strip() for part in m[1].split(":"))
+        if not name:
+            raise BadInput(f"{m[0]} names no LoRA; write <lora:NAME:SCALE>", "prompt")
+        if len(set(scales)) > 1:
+            raise BadInput(f"{m[0]}: one scale per LoRA (separate text encoder and UNet scales are not supported)",
+                           "prompt")  # fmt: skip
+        try:
+            scale = float(scales[0]) if scales else 1.0
+        except ValueError:
+            raise BadInput(f"{m[0]}: the scale must be a number, e.g. <lora:{name}:0.8>", "prompt") from None
+        found.append((name, scale))
+        return ""
+
+    return LORA_TAG.sub(take, text), found
+
+
+def lora_names(folder: Path) -> list[str]:
+    """The LoRAs of a folder (and its subfolders) by the names requests use: file names without .safetensors."""
+    return sorted({p.name.removesuffix(SUFFIX) for p in Path(folder).rglob("*" + SUFFIX) if p.is_file()})
+
+
+def find_lora(entry: str | Path, folder: Path | None, paths: bool = True) -> Path:
+    """The file of one LoRA of a request: a name (with or without .safetensors) of a file in `folder` or its
+    subfolders; otherwise, when `paths` allows it, `entry` as a path. A service passes paths=False: a name a
+    client sends (a string) is looked up in the folder only, never opened as a path."""
+    inside = folder is not None and Path(entry).resolve().is_relative_to(Path(folder).resolve())
+    if isinstance(entry, Path) and (paths or inside):
+        return entry  # a path given in Python, or a file found in the folder before
+    text = str(entry)
+    bare = text and "/" not in text and "\\" not in text and not text.startswith(".")
+    if folder is not None and bare:
+        stem = text.removesuffix(SUFFIX)
+        direct = Path(folder) / (stem + SUFFIX)
+        if direct.is_file():
+            return direct
+        hits = sorted(Path(folder).rglob(glob.escape(stem) + SUFFIX))
+        if hits:
+            return hits[0]
+    if paths and (folder is None or not bare or Path(text).is_file()):
+        return Path(text)
+    if folder is None:
+        raise BadInput(f"LoRA {text!r}: this server was started without --lora-dir, so it has no LoRAs", "loras")
+    names = lora_names(folder)
+    shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "") if names else "none"
+    raise BadInput(f"LoRA {text!r} is not in the LoRA folder (available: {shown})", "loras")
+
+
+def find_loras(
+    loras: Sequence[tuple[str | Path, float]], folder: Path | None, paths: bool = True
+) -> tuple[tuple[Path, float], ...]:
+    return tuple((find_lora(entry, folder, paths), scale) for entry, scale in loras)
+
+
+def lora_hash(path: Path) -> str:
+    """A1111's short hash of a LoRA (its "addnet" hash): sha256 of the tensor bytes after the header, 12 hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n)
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,11 +35,12 @@ from diffrt.engine.conditioning import (
 from diffrt.engine.embeddings import Embedding, load_embeddings
 from diffrt.engine.hires import resize_latents
 from diffrt.engine.images import blurred, init_image_array, to_hwc, to_pil
-from diffrt.engine.lora import WeightMap, merged_weights, read_lora
+from diffrt.engine.lora import SUFFIX, WeightMap, find_loras, lora_hash, merged_weights, read_lora
 from diffrt.engine.request import (
     REFINER_AT,
     Request,
     bundle_defaults,
+    check_loras,
     check_size,
     clip_skips,
     hires_size,
@@ -119,6 +120,10 @@ class Pipeline:
         self._lora_sets: dict[tuple, dict] = {}  # LoRA set -> merged weights per component, oldest first
         self._merged_in: dict[str, bool] = {}
         self.lora_switch_s = 0.0  # seconds the last LoRA switch took (merge + new sessions)
+        self.lora_dir: Path | None = None  # where requests' LoRA names are looked up (load(lora_dir=))
+        self.lora_paths = True  # whether requests may name LoRA files by path
+        self._lora_files: dict[tuple, list] = {}  # (file, stamp) -> its updates, for the last LORA_SETS files
+        self._lora_read_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -129,13 +134,21 @@ class Pipeline:
         refiner: str | Path | None = None,
         embeddings: str | Path | None = None,
         allow_pickle: bool = False,
+        lora_dir: str | Path | None = None,
+        lora_paths: bool = True,
     ) -> Pipeline:
         """Open a bundle directory on a backend: "tensorrt", "ort-cuda", "ort-cpu" or "auto". `refiner`: an SDXL
         bundle that takes over the last part of every schedule (Request.refiner_at) from this SDXL base.
-        `embeddings`: a folder of textual inversion embeddings that prompts call by name (use_embeddings)."""
+        `embeddings`: a folder of textual inversion embeddings that prompts call by name (use_embeddings).
+        `lora_dir`: a folder of LoRAs that requests name (Request.loras, <lora:NAME:SCALE>); `lora_paths=False`
+        (a service) takes names in that folder only, never a path from a request."""
         bundle = Path(bundle)
         manifest = load_manifest(bundle)
         pipe = cls(bundle, manifest, make_backend(backend, manifest, threads, bundle))
+        pipe.lora_dir = None if lora_dir is None else Path(lora_dir)
+        pipe.lora_paths = lora_paths
+        if pipe.lora_dir is not None and not pipe.lora_dir.is_dir():
+            raise BadInput(f"LoRA folder {lora_dir} does not exist")
         if embeddings is not None:
             pipe.use_embeddings(embeddings, allow_pickle)
         if refiner is not None:
@@ -186,6 +199,8 @@ class Pipeline:
         """The request resolved against this bundle (defaults filled, images decoded), or BadInput. Services
         call it to refuse a request before queueing it; the resolved request runs without resolving again."""
         r = request.resolve(self.manifest)
+        if r.loras:
+            r = replace(r, loras=self._find_loras(r.loras))
         if self.refiner is None:
             if r.refiner_at is not None:
                 raise BadInput(
@@ -221,19 +236,33 @@ class Pipeline:
             self._use_loras(r.loras)
             return self._generate(r, callback)
 
+    def use_loras(self, loras: Sequence[tuple[str | Path, float]]) -> float:
+        """Switch to a LoRA set now (generate switches to each request's own): seconds the switch took."""
+        found = self._find_loras(check_loras(loras))
+        with self._lock:
+            self._use_loras(found)
+        return self.lora_switch_s
+
+    def _find_loras(self, loras: Sequence[tuple[str | Path, float]]) -> tuple[tuple[Path, float], ...]:
+        """The files of a request's LoRAs, each read (once per version) so that one that does not fit this
+        bundle is refused before the request waits or runs."""
+        found = find_loras(loras, self.lora_dir, self.lora_paths)
+        for path, _ in found:
+            self._lora_file(path)
+        return found
+
     def _use_loras(self, loras: tuple[tuple[Path, float], ...]) -> None:
         """Make the sessions of the components LoRAs change again, with `loras` merged into the base weights,
         unless they are the ones in use. Merged weights are kept for the last LORA_SETS sets."""
         key = tuple((str(f.resolve()), _stamp(f), scale) for f, scale in loras if scale)
         if key == self._lora_key:
+            self.lora_switch_s = 0.0
             return
         start = time.perf_counter()
         merged = self._lora_sets.pop(key, None)
         if merged is None:
-            if self._weight_map is None:
-                self._weight_map = WeightMap(self.bundle, [c for c in LORA_COMPONENTS if c in self.sessions])
-            updates = [(read_lora(f, self._weight_map), scale) for f, scale in loras if scale]
-            merged = merged_weights(self.bundle, self._weight_map, updates, self.backend.precision)
+            updates = [(self._lora_file(f)[0], scale) for f, scale in loras if scale]
+            merged = merged_weights(self.bundle, self._weights(), updates, self.backend.precision)
         self._lora_sets[key] = merged
         while len(self._lora_sets) > LORA_SETS:
             self._lora_sets.pop(next(iter(self._lora_sets)))
@@ -246,6 +275,21 @@ class Pipeline:
         self._lora_key = key
         self.lora_switch_s = time.perf_counter() - start
         log.info("LoRAs %s in %.2f s", ", ".join(f"{f.name}:{s:g}" for f, s in loras) or "off", self.lora_switch_s)
+
+    def _weights(self) -> WeightMap:
+        if self._weight_map is None:
+            self._weight_map = WeightMap(self.bundle, [c for c in LORA_COMPONENTS if c in self.sessions])
+        return self._weight_map
+
+    def _lora_file(self, path: Path) -> tuple[list, str]:
+        """A LoRA file's updates against this bundle and its short hash, read once per version of the file."""
+        key = (str(path.resolve()), _stamp(path))
+        with self._lora_read_lock:
+            if key not in self._lora_files:
+                self._lora_files[key] = (read_lora(path, self._weights()), lora_hash(path))
+                while len(self._lora_files) > LORA_SETS:
+                    self._lora_files.pop(next(iter(self._lora_files)))
+            return self._lora_files[key]
 
     def _set_session(self, name: str, session: Session) -> None:
         self.sessions[name] = session
@@ -509,4 +553,7 @@ class Pipeline:
             "model_hash": self.manifest.source.get("sha256", ""),
             **({"refiner_hash": self.refiner.manifest.source.get("sha256", "")} if self.refiner else {}),
         }
+        if r.loras:
+            parameters["loras"] = [{"name": f.name.removesuffix(SUFFIX), "scale": s, "hash": self._lora_file(f)[1]}
+                                   for f, s in r.loras]  # fmt: skip
         return PipelineOutput(out, timings, unet_times, parameters)

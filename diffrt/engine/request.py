@@ -9,6 +9,7 @@ where diffusers has them, A1111's where only A1111 has them.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -24,6 +25,8 @@ from diffrt.engine.prompts import SYNTAXES
 from diffrt.engine.samplers import default_sampler, resolve_sampler
 from diffrt.engine.schedules import first_step
 from diffrt.errors import BadInput
+
+log = logging.getLogger(__name__)
 
 Size = tuple[int, int]  # (height, width) or (top, left), in pixels
 DEFAULT_STEPS = 30  # a bundle's manifest `defaults` may set its own (the demo does)
@@ -74,7 +77,8 @@ class Request:
     hires: HiresOptions | None = None
     # SDXL base -> refiner (a Pipeline loaded with refiner=): the share of the schedule the base runs
     refiner_at: float | None = None  # None: REFINER_AT when a refiner is loaded
-    # LoRAs merged for this call: (safetensors file, scale) pairs, e.g. [("style.safetensors", 0.8)]
+    # LoRAs merged for this call: (file, scale) pairs, e.g. [("style.safetensors", 0.8)]; a name is looked up
+    # in the pipeline's LoRA folder; with prompt_syntax "a1111" the prompt's <lora:NAME:SCALE> tags join them
     loras: Sequence[tuple[str | Path, float]] = ()
     # set by resolve(): the decoded images and the sha256 of the init image (file bytes, else pixels)
     image_sha256: str | None = field(default=None, repr=False)
@@ -222,10 +226,23 @@ class Request:
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             if not isinstance(getattr(self, name), int | float) or not math.isfinite(getattr(self, name)):
                 raise BadInput(f"{name} must be a finite number", name)
-        loras = _loras(self.loras)
+        tags: list[tuple[str, float]] = []
+        negatives = {name: getattr(self, name) for name in ("negative_prompt", "negative_prompt_2")}
+        if self.prompt_syntax == "a1111":  # A1111's extra networks: the LoRA tags leave the text
+            prompts, tags = _take_lora_tags(prompts, "prompt")
+            prompts_2, tags_2 = _take_lora_tags(prompts_2, "prompt_2")
+            tags += [t for t in tags_2 if t not in tags]
+            for name, text in negatives.items():
+                if text is not None:
+                    negatives[name], dropped = _take_lora_tags((text,), name)
+                    negatives[name] = negatives[name][0]
+                    if dropped:
+                        log.warning("%s: <lora:...> tags apply in the prompt; ignored in the negative prompt", name)
+        loras = check_loras(self.loras, tags)
         return replace(
             self,
             prompt=prompts,
+            **negatives,
             prompt_2=prompts_2,
             num_inference_steps=steps,
             guidance_scale=float(guidance),
@@ -364,18 +381,32 @@ def combine(requests: Sequence[Request]) -> Request:
     )
 
 
-def _loras(loras) -> tuple[tuple[Path, float], ...]:
-    """(file, scale) pairs, the file as given (a path: services resolve names before), the scale checked."""
+def check_loras(loras, tags: Sequence[tuple[str, float]] = ()) -> tuple[tuple[str | Path, float], ...]:
+    """(file or name, scale) pairs, the given ones then the prompt's tags, scales checked; the pipeline finds
+    the files (in its LoRA folder for names)."""
     from diffrt.engine.lora import check_scale
 
     try:
-        pairs = [(Path(f), s) for f, s in loras]
+        pairs = [(f if isinstance(f, str | Path) else Path(f), s) for f, s in loras]
     except (TypeError, ValueError):
         raise BadInput(f"loras must be (file, scale) pairs, got {loras!r}"[:200], "loras") from None
     try:
-        return tuple((f, check_scale(s, f.name)) for f, s in pairs)
+        return tuple((f, check_scale(s, Path(f).name)) for f, s in [*pairs, *tags])
     except BadInput as e:
         raise BadInput(str(e), "loras") from None
+
+
+def _take_lora_tags(prompts: tuple[str, ...], field: str) -> tuple[tuple[str, ...], list[tuple[str, float]]]:
+    """The prompts without A1111's <lora:NAME:SCALE> tags, and the tags: one LoRA set for all images of a call."""
+    from diffrt.engine.lora import lora_tags
+
+    try:
+        taken = [lora_tags(p) for p in prompts]
+    except BadInput as e:
+        raise BadInput(str(e), field) from None
+    if len({tuple(tags) for _, tags in taken}) > 1:
+        raise BadInput("the prompts of one call name different <lora:...> tags; make one call per LoRA set", field)
+    return tuple(text for text, _ in taken), (taken[0][1] if taken else [])
 
 
 def _int(value: Any, name: str, low: int, default: int | None = None) -> int:

@@ -23,6 +23,7 @@ from diffrt.bundle import token_widths
 from diffrt.engine.embeddings import load_embeddings
 from diffrt.engine.hires import UPSCALERS, HiresOptions
 from diffrt.engine.images import A1111_NAMES, open_image, parameters_text
+from diffrt.engine.lora import SUFFIX, lora_names
 from diffrt.engine.request import Request
 from diffrt.engine.samplers import A1111_SAMPLERS, A1111_SCHEDULERS, a1111_sampler
 from diffrt.errors import BadInput
@@ -122,12 +123,13 @@ def _image(text: Any, field: str) -> bytes:
     return _b64(text, field)
 
 
-def _info(gen: Request, result, model, seed: int) -> dict[str, Any]:
+def _info(gen: Request, result, model, seed: int, prompt: str) -> dict[str, Any]:
+    """`prompt` as sent (A1111 records its <lora:...> tags, which the resolved prompts no longer hold)."""
     p = result.parameters
-    texts = [parameters_text(gen.prompts[i], gen.negative_prompt, p, index=i) for i in range(len(result.images))]
+    texts = [parameters_text(prompt, gen.negative_prompt, p, index=i) for i in range(len(result.images))]
     return {
-        "prompt": gen.prompts[0],
-        "all_prompts": list(gen.prompts),
+        "prompt": prompt,
+        "all_prompts": [prompt] * len(gen.prompts),
         "negative_prompt": gen.negative_prompt or "",
         "all_negative_prompts": [gen.negative_prompt or ""] * len(gen.prompts),
         "seed": seed,
@@ -200,7 +202,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
             return error(422, str(e), e.field)
         except Refusal as e:
             return error(e.status, e.message, e.field, e.headers)
-        info = _info(gen, result, service.pool.models[model], seed)
+        info = _info(gen, result, service.pool.models[model], seed, given["prompt"])
         send = f.get("send_images", True) is not False
         images = [
             base64.b64encode(_png(im, info["infotexts"][i])).decode("ascii") for i, im in enumerate(result.images)
@@ -294,6 +296,14 @@ def add_routes(app: FastAPI, service: Service) -> None:
         entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
         loaded = {n: {**entry, "shape": widths[-1], "vectors": len(e.vectors[0])} for n, e in found.items()}
         return {"loaded": loaded, "skipped": {}}
+
+    @app.get(f"{PREFIX}/loras")
+    async def loras() -> list:
+        """A1111's listing: the LoRAs of --lora-dir, by the names prompts call them (<lora:NAME:SCALE>)."""
+        if not settings.lora_dir:
+            return []
+        names = await asyncio.to_thread(lora_names, settings.lora_dir)
+        return [{"name": n, "alias": n, "path": n + SUFFIX, "metadata": {}} for n in names]
 
     @app.get(f"{PREFIX}/scripts")
     async def scripts() -> dict:

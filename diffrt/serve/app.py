@@ -63,6 +63,7 @@ class ServeSettings:
     refiner: str | None = None  # SDXL refiner bundle (Pipeline.load(refiner=))
     embeddings: str | None = None  # textual inversion folder, for every bundle (Pipeline.load(embeddings=))
     allow_pickle: bool = False  # also .pt/.bin embeddings
+    lora_dir: str | None = None  # LoRAs requests name (never a path from a request), for every bundle
 
 
 BUNDLE_DEFAULT = "default: the bundle's"
@@ -79,6 +80,15 @@ class HiresRequest(BaseModel):
     strength: float | None = Field(
         None, gt=0, le=1, allow_inf_nan=False, description=f"default {HiresOptions.strength:g}"
     )
+
+
+class LoraRequest(BaseModel):
+    """One LoRA of --lora-dir by its file name (with or without .safetensors), and its scale."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=255, description="a file name in the server's --lora-dir")
+    scale: float = Field(1.0, ge=0, le=16, allow_inf_nan=False, description="strength (1: as trained)")
 
 
 class ImageRequest(BaseModel):
@@ -112,6 +122,9 @@ class ImageRequest(BaseModel):
     paste_back: bool | None = Field(None, description="inpainting: paste the unmasked original back")
     mask_blur: int | None = Field(None, ge=0, le=64, description="pixels of blur on the paste-back mask")
     hires: HiresRequest | None = Field(None, description="text to image: a second pass at a larger size")
+    loras: list[LoraRequest] | None = Field(
+        None, max_length=8, description="LoRAs of --lora-dir merged for this request (also <lora:NAME:SCALE>)"
+    )
     refiner_at: float | None = Field(
         None, gt=0, lt=1, allow_inf_nan=False, description=f"with --refiner ({REFINER_AT:g})"
     )
@@ -225,6 +238,8 @@ def to_request(req: ImageRequest) -> Request:
             given[name] = _b64(given[name], name)
     if "hires" in given:
         given["hires"] = HiresOptions(**given["hires"])
+    if "loras" in given:
+        given["loras"] = tuple((lora["name"], lora["scale"]) for lora in given["loras"])
     return Request(given.pop("prompt"), **given)
 
 
@@ -426,7 +441,8 @@ class Service:
 
         refiner = self.settings.refiner if path == self.settings.bundle else None
         s = self.settings
-        return Pipeline.load(path, s.backend, s.threads, refiner, embeddings=s.embeddings, allow_pickle=s.allow_pickle)
+        return Pipeline.load(path, s.backend, s.threads, refiner, embeddings=s.embeddings, allow_pickle=s.allow_pickle,
+                             lora_dir=s.lora_dir, lora_paths=False)  # fmt: skip
 
     async def start(self) -> None:
         try:

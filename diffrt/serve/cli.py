@@ -50,9 +50,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--backend", default="auto", help="auto, tensorrt, ort-cuda or ort-cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for ort-cpu (default: all cores)")
     p.add_argument("--refiner", metavar="BUNDLE", help="SDXL: a refiner bundle that finishes every schedule")
-    from diffrt.cli import add_embedding_flags  # the generate command's flags, the same words
+    from diffrt.cli import add_embedding_flags, add_lora_flags  # the generate command's flags, the same words
 
     add_embedding_flags(p)
+    add_lora_flags(p, files=False)
     r = p.add_argument_group("scale-out with Ray Serve (needs the ray extra; see docs/serving.md)")
     r.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment, one replica per GPU")
     for flag, kind, metavar, meaning in RAY_OPTIONS:
@@ -91,7 +92,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         refiner=args.refiner,
         embeddings=str(args.embeddings) if args.embeddings else None,
         allow_pickle=args.allow_pickle,
+        lora_dir=str(args.lora_dir) if args.lora_dir else None,
     )
+    if args.lora_dir and not args.lora_dir.is_dir():
+        raise BadInput(f"--lora-dir {args.lora_dir} is not a folder")
     given = [flag for flag, *_ in RAY_OPTIONS if getattr(args, _dest(flag)) is not None]
     if args.others and args.refiner:
         raise BadInput("--refiner works with one bundle; serve the others from a second server")

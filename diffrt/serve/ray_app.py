@@ -117,6 +117,8 @@ class DiffrtReplica:
                 refiner=settings.refiner,
                 embeddings=settings.embeddings,
                 allow_pickle=settings.allow_pickle,
+                lora_dir=settings.lora_dir,
+                lora_paths=False,
             )
         )
         self.batcher.set_pipeline(pipe)  # caps max_batch at the bundle's images per call

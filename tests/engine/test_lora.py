@@ -134,3 +134,75 @@ def test_bad_loras_are_one_line_each(pipe, loras, sd2_folder, tmp_path):
         ours(pipe, [(tmp_path / "missing.safetensors", 1.0)])
     _one_line(e, "missing.safetensors", "does not exist")
     np.testing.assert_array_equal(ours(pipe), ours(Pipeline.load(pipe.bundle, backend="ort-cpu")))  # unharmed
+
+
+def test_names_in_the_lora_folder_and_a1111_prompt_tags(sd1_bundle, loras, tmp_path):
+    folder = tmp_path / "loras"
+    (folder / "styles").mkdir(parents=True)
+    shutil.copy(loras["kohya"], folder / "styles" / "style.safetensors")  # A1111 finds subfolders' files by name
+    shutil.copy(loras["peft"], folder / "other.safetensors")
+    named = Pipeline.load(sd1_bundle, backend="ort-cpu", lora_dir=folder)
+    want = ours(named, [(loras["kohya"], 0.8), (loras["peft"], 0.5)])
+    np.testing.assert_array_equal(ours(named, [("style", 0.8), ("other.safetensors", 0.5)]), want)
+    tagged = named(f"{PROMPT}<lora:style:0.8><lora:other:0.5>", negative_prompt=f"<lora:style:1> {NEGATIVE}",
+                   num_inference_steps=STEPS, scheduler="euler", latents=latents(), height=64, width=64,
+                   upscale=False, output_type="np")  # fmt: skip
+    np.testing.assert_array_equal(tagged.images[0], want)  # the tags leave the text; the negative's is ignored
+    plain = named(f"{PROMPT} <lora:style:0.8>", prompt_syntax="plain", num_inference_steps=STEPS, latents=latents(),
+                  height=64, width=64, upscale=False, output_type="np")  # fmt: skip
+    assert np.abs(plain.images[0] - ours(named)).max() > 0  # plain syntax: the tag is text, no LoRA
+    for prompt, words in (
+        ("a fox <lora:style:strong>", ("<lora:style:strong>", "number")),
+        ("a fox <lora::1>", ("names no LoRA",)),
+        ("a fox <lora:style:0.5:1>", ("one scale",)),
+        ("a fox <lora:missing:1>", ("missing", "not in the LoRA folder", "other, style")),
+    ):
+        with pytest.raises(BadInput) as e:
+            named(prompt, num_inference_steps=STEPS)
+        _one_line(e, *words)
+    with pytest.raises(BadInput) as e:
+        named(["a <lora:style:1>", "b"], num_images=2, num_inference_steps=STEPS)
+    _one_line(e, "different <lora:...> tags")
+    service = Pipeline.load(sd1_bundle, backend="ort-cpu", lora_dir=folder, lora_paths=False)
+    for outside in (str(loras["kohya"]), "../loras/other", "/etc/passwd"):
+        with pytest.raises(BadInput) as e:
+            service.check_request(service_request(outside))
+        _one_line(e, "not in the LoRA folder")
+    assert service.check_request(service_request("style")).loras[0][0] == folder / "styles" / "style.safetensors"
+    assert named.use_loras([("style", 0.8)]) > 0 and named.use_loras([("style", 0.8)]) == 0.0  # cached: no switch
+
+
+def service_request(name):
+    from diffrt.engine.request import Request
+
+    return Request("a fox", loras=[(name, 1.0)], num_inference_steps=STEPS)
+
+
+def test_generate_and_bench_take_lora_flags(sd1_bundle, loras, tmp_path, capsys):
+    from PIL import Image
+
+    from diffrt.cli import main
+    from diffrt.engine.lora import lora_hash
+
+    args = ["generate", str(sd1_bundle), PROMPT, "--steps", "3", "--seed", "2", "--backend", "ort-cpu",
+            "--size", "64x64", "--no-upscale"]  # fmt: skip
+    assert main([*args, "-o", str(tmp_path / "with.png"), "--lora", f"{loras['kohya']}:0.8"]) == 0
+    assert main([*args, "-o", str(tmp_path / "without.png")]) == 0
+    with_, without = (Image.open(tmp_path / f"{n}.png") for n in ("with", "without"))
+    assert np.abs(np.asarray(with_, np.int16) - np.asarray(without, np.int16)).max() > 10
+    direct = Pipeline.load(sd1_bundle, backend="ort-cpu")(PROMPT, num_inference_steps=3, seed=2, height=64, width=64,
+                                                           upscale=False, loras=[(loras["kohya"], 0.8)])  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(with_), np.asarray(direct.images[0]))
+    assert f'Lora hashes: "style: {lora_hash(loras["kohya"])}"' in with_.info["parameters"]
+    for bad, words in (([f"{loras['kohya']}:-1"], "scale"), ([str(tmp_path / "nope.safetensors")], "does not exist")):
+        assert main([*args, "-o", str(tmp_path / "x.png"), "--lora", *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("diffrt: error: ") and words in err and not (tmp_path / "x.png").exists()
+    out = tmp_path / "bench.json"
+    bench = ["bench", str(sd1_bundle), "--backend", "ort-cpu", "--steps", "2", "--size", "64x64", "--runs", "1"]
+    assert main([*bench, "--warmup", "0", "--lora", f"{loras['peft']}:0.5", "--json", str(out)]) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["lora_switch_s"] > 0 and report["settings"]["loras"] == [[str(loras["peft"]), 0.5]]
+    assert "LoRA switch" in capsys.readouterr().out
