@@ -2,7 +2,8 @@
 
 Files are read with the bounded safetensors reader (never pickle). Layouts:
 - kohya / A1111: `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`, `lora_te2_`) with `.lora_down.weight`,
-  `.lora_up.weight` and `.alpha`; module names are diffusers' with dots as underscores;
+  `.lora_up.weight` and `.alpha`; module names are diffusers' with dots as underscores, or for the UNet the
+  original (SGM) UNet's (`input_blocks_4_1_...`, as kohya's SDXL trainer writes them);
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.`, `text_encoder_2.`), alpha
   from the file's `lora_adapter_metadata`, else the rank; and the older attention-processor layout
   (`...attn1.processor.to_q_lora.down.weight`).
@@ -71,11 +72,60 @@ class WeightMap:
         self.underscored = {
             (component, w.removesuffix(".weight").replace(".", "_")): w
             for component, m in self.maps.items()
-            for w in m["fp32"]
+            for w in [*m["fp32"], *m.get("unused", {})]
         }
+
+        unet = [w for (c, w) in self.underscored if c == "unet"]
+        resnets = [int(m[1]) for w in unet if (m := re.match(r"down_blocks_0_resnets_(\d+)_", w))]
+        self.layers = max(resnets, default=0) + 1  # resnets per down block: how SGM numbers its blocks
+        self.attended = {int(m[1]) for w in unet if (m := re.match(r"up_blocks_(\d+)_attentions_", w))}
+
+    def sgm(self, module: str) -> str | None:
+        """The diffusers name (underscored) of a UNet module in the original (SGM) UNet's words, which kohya's
+        SDXL LoRAs use: input_blocks_4_1_... -> down_blocks_1_attentions_0_..., in_layers_2 -> conv1, ..."""
+        fixed = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+                 "time_embed_2": "time_embedding_linear_2", "label_emb_0_0": "add_embedding_linear_1",
+                 "label_emb_0_2": "add_embedding_linear_2"}  # fmt: skip
+        if module in fixed:
+            return fixed[module]
+        per = self.layers + 1
+        if m := re.fullmatch(r"input_blocks_(\d+)_0_op", module):
+            return f"down_blocks_{(int(m[1]) - 1) // per}_downsamplers_0_conv"
+        if m := re.fullmatch(r"middle_block_([012])_(.+)", module):
+            prefix, rest = ("mid_block_resnets_0", "mid_block_attentions_0", "mid_block_resnets_1")[int(m[1])], m[2]
+            kind = "attentions" if m[1] == "1" else "resnets"
+        elif m := re.fullmatch(r"(input_blocks|output_blocks)_(\d+)_([012])_(.+)", module):
+            block, inner, rest = int(m[2]), int(m[3]), m[4]
+            if m[1] == "input_blocks":
+                i, j = divmod(block - 1, per)
+                kind, name = ("resnets", "attentions")[inner] if inner < 2 else "", "down_blocks"
+            else:
+                i, j = divmod(block, per)
+                kinds = ("resnets", "attentions", "upsamplers") if i in self.attended else ("resnets", "upsamplers")
+                kind, name = kinds[inner] if inner < len(kinds) else "", "up_blocks"
+            if not kind:
+                return None
+            prefix = f"{name}_{i}_{kind}_{0 if kind == 'upsamplers' else j}"
+        else:
+            return None
+        if kind == "resnets":
+            resnet = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+                      "skip_connection": "conv_shortcut"}  # fmt: skip
+            rest = resnet.get(rest, rest)
+        return f"{prefix}_{rest}"
 
     def weights(self, component: str) -> dict[str, list[dict]]:
         return self.maps[component]["fp32"]
+
+    def shape(self, component: str, weight: str) -> tuple[int, ...] | None:
+        """The torch shape of a weight of the model (None: the model has no such weight)."""
+        if weight in self.maps[component].get("unused", {}):
+            return tuple(self.maps[component]["unused"][weight])
+        entries = self.weights(component).get(weight)
+        if not entries:
+            return None
+        shape = tuple(entries[0]["shape"])
+        return shape[::-1] if entries[0]["transposed"] else shape
 
     def targets(self, component: str, precision: str) -> dict[str, list[dict]]:
         m = self.maps[component]
@@ -147,9 +197,12 @@ def read_lora(path: Path, wmap: WeightMap) -> list[LoraModule]:
     modules, missing = [], []
     for (component, module), p in sorted(parts.items()):
         if module.startswith("kohya:"):
-            weight = wmap.underscored.get((component, module.removeprefix("kohya:")))
+            name = module.removeprefix("kohya:")
+            weight = wmap.underscored.get((component, name))
+            if weight is None and component == "unet" and (diffusers_name := wmap.sgm(name)):
+                weight = wmap.underscored.get((component, diffusers_name))
         else:
-            weight = module + ".weight" if module + ".weight" in wmap.weights(component) else None
+            weight = module + ".weight" if wmap.shape(component, module + ".weight") else None
         if weight is None:
             missing.append(f"{component}:{module.removeprefix('kohya:')}")
             continue
@@ -164,14 +217,15 @@ def read_lora(path: Path, wmap: WeightMap) -> list[LoraModule]:
         raise BadInput(f"{path.name} changes weights this bundle does not have ({', '.join(missing[:3])}"
                        f"{' ...' if len(missing) > 3 else ''}): it was made for another model")  # fmt: skip
     for m in modules:
-        shape = tuple(wmap.weights(m.component)[m.weight][0]["shape"])
-        target = shape[::-1] if wmap.weights(m.component)[m.weight][0]["transposed"] else shape
         try:
-            m.delta(target)
+            m.delta(wmap.shape(m.component, m.weight))
         except ValueError as e:
             raise BadInput(f"{path.name}: {m.weight} of {m.component}: {e}; the LoRA was made for another model") \
                 from None  # fmt: skip
-    return modules
+    used = [m for m in modules if m.weight in wmap.weights(m.component)]
+    if len(used) < len(modules):
+        log.debug("%s: %d modules change weights the bundle's graphs never use", path.name, len(modules) - len(used))
+    return used
 
 
 def check_scale(scale: float, name: str) -> float:
@@ -188,9 +242,7 @@ def merged_weights(
     deltas: dict[tuple[str, str], np.ndarray] = {}
     for modules, scale in loras:
         for m in modules:
-            entry = wmap.weights(m.component)[m.weight][0]
-            shape = tuple(entry["shape"])[::-1] if entry["transposed"] else tuple(entry["shape"])
-            d = scale * m.delta(shape)
+            d = scale * m.delta(wmap.shape(m.component, m.weight))
             key = (m.component, m.weight)
             deltas[key] = deltas[key] + d if key in deltas else d
     out: dict[str, dict[str, np.ndarray]] = {c: {} for c in LORA_COMPONENTS if c in wmap.maps}

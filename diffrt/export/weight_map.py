@@ -79,13 +79,16 @@ def graph_weight_map(weights: dict[str, torch.Tensor], path: Path) -> dict[str, 
 
 
 def write_weight_map(module: torch.nn.Module, graphs: dict[str, Path], out: Path) -> int:
-    """Write {precision: {weight: [initializers]}} to `out`; returns the number of weights found in every graph."""
+    """Write {precision: {weight: [initializers]}, "unused": {weight: shape}} to `out`: "unused" lists the weights
+    no graph holds (the export dropped them: SDXL's first text encoder never runs its last layer), which a LoRA
+    may name but cannot change. Returns the number of weights found in every graph."""
     weights = lora_weights(module)
     maps = {precision: graph_weight_map(weights, path) for precision, path in graphs.items()}
-    missing = {n for n in weights if not all(n in m for m in maps.values())}
-    if missing:
-        log.info("%s: %d of %d weights not found in the graphs (LoRAs cannot change them): %s", out.stem,
+    unused = {n: list(w.shape) for n, w in weights.items() if not any(n in m for m in maps.values())}
+    missing = {n for n in weights if not all(n in m for m in maps.values())} - set(unused)
+    if missing:  # in one graph and not another, or the same bytes as another weight: a LoRA on them is refused
+        log.info("%s: %d of %d weights not found in every graph (LoRAs cannot change them): %s", out.stem,
                  len(missing), len(weights), ", ".join(sorted(missing)[:5]))  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(maps))
-    return len(weights) - len(missing)
+    out.write_text(json.dumps({**maps, "unused": unused}))
+    return len(weights) - len(missing) - len(unused)
