@@ -7,9 +7,11 @@ Files are read with the bounded safetensors reader (never pickle). Layouts:
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.`, `text_encoder_2.`), alpha
   from the file's `lora_adapter_metadata`, else the rank; and the older attention-processor layout
   (`...attn1.processor.to_q_lora.down.weight`).
-Linear and Conv2d (1x1 and 3x3) weights: W += scale * alpha / rank * up @ down. The bundle's weight map
-(diffrt.export.weight_map) says which graph initializers hold each weight; the merged ones are handed to the
-backend as replacements when the component's session is made again."""
+- LyCORIS in kohya's names: LoCon's `lora_mid` (Tucker core of a k x k convolution), LoHa (`hada_w1_a`, ...) and
+  LoKr (`lokr_w1`, `lokr_w2_a`, ...); their Tucker variants (`hada_t1`, `lokr_t2`) and DoRA are refused by name.
+Linear and Conv2d (1x1 and 3x3) weights: W += scale * alpha / rank * up @ down (LoraModule.delta for the others).
+The bundle's weight map (diffrt.export.weight_map) says which graph initializers hold each weight; the merged ones
+are handed to the backend as replacements when the component's session is made again."""
 
 from __future__ import annotations
 
@@ -40,22 +42,55 @@ LORA_TAG = re.compile(r"<lora:([^<>]*)>")  # A1111's extra-network tag in a prom
 log = logging.getLogger(__name__)
 
 
+KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",
+               **{k: k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a",
+                                 "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}}  # fmt: skip
+KINDS = {  # the parts each kind of update needs, and those it may have
+    "lora": ({"down", "up"}, {"mid"}),  # LoRA / LoCon (mid: LoCon's Tucker core of a k x k convolution)
+    "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, set()),  # LyCORIS LoHa (Hadamard product)
+    "lokr": (set(), {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}),  # LoKr (Kronecker)
+}
+
+
 @dataclass(frozen=True)
 class LoraModule:
-    """One weight's low-rank update: delta = alpha / rank * up @ down (before the user's scale)."""
+    """One weight's update before the user's scale, by kind: LoRA, up @ down (LoCon's k x k convolutions: up, mid,
+    down); LoHa, (w1a @ w1b) * (w2a @ w2b); LoKr, kron(w1, w2) with each factor whole or a product of two; each
+    times alpha / rank (LoKr with both factors whole: 1, as A1111 reads them)."""
 
     component: str
     weight: str  # the weight's name in the bundle's weight map
-    up: np.ndarray  # (out, rank[, 1, 1])
-    down: np.ndarray  # (rank, in[, kh, kw])
-    alpha: float
+    kind: str
+    parts: dict[str, np.ndarray]
+    alpha: float | None  # None: the rank
+
+    def rank(self) -> int | None:
+        p = self.parts
+        for name in ("down", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
+            if name in p:
+                return p[name].shape[0]
+        return None
 
     def delta(self, shape: tuple[int, ...]) -> np.ndarray:
-        rank = self.down.shape[0]
-        product = self.up.reshape(self.up.shape[0], rank) @ self.down.reshape(rank, -1)
+        p, rank = self.parts, self.rank()
+        if self.kind == "lora" and "mid" in p:  # W[o, i, h, w] = sum up[o, a] mid[a, b, h, w] down[b, i]
+            up, down = p["up"].reshape(p["up"].shape[0], -1), p["down"].reshape(p["down"].shape[0], -1)
+            product = np.einsum("oa,abhw,bi->oihw", up, p["mid"], down)
+        elif self.kind == "lora":
+            product = p["up"].reshape(p["up"].shape[0], rank) @ p["down"].reshape(rank, -1)
+        elif self.kind == "loha":
+            product = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
+        else:
+            w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
+            w2 = p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_a"] @ p["lokr_w2_b"]
+            if len(shape) == 4:  # a convolution: the second factor carries the kernel
+                w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
+                w1 = w1.reshape(*w1.shape, 1, 1)
+            product = np.kron(w1, w2)
         if product.size != math.prod(shape):
-            raise ValueError(f"update of shape {product.shape} for a weight of shape {list(shape)}")
-        return (self.alpha / rank) * product.reshape(shape)
+            raise ValueError(f"update of shape {list(product.shape)} for a weight of shape {list(shape)}")
+        factor = 1.0 if rank is None else (rank if self.alpha is None else self.alpha) / rank
+        return factor * product.reshape(shape)
 
 
 class WeightMap:
@@ -157,7 +192,7 @@ def _split(key: str) -> tuple[str, str, str] | None:
     for prefix, component in sorted(KOHYA_PREFIXES.items(), key=lambda p: -len(p[0])):
         if key.startswith(prefix):
             module, _, part = key[len(prefix) :].partition(".")
-            part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(part)
+            part = KOHYA_PARTS.get(part.removesuffix(".weight") if part.startswith(("hada", "lokr")) else part)
             return (component, "kohya:" + module.removeprefix("text_model_"), part) if part else None
     for prefix, component in sorted(PEFT_PREFIXES.items(), key=lambda p: -len(p[0])):
         if key.startswith(prefix):
@@ -206,13 +241,15 @@ def read_lora(path: Path, wmap: WeightMap) -> list[LoraModule]:
         if weight is None:
             missing.append(f"{component}:{module.removeprefix('kohya:')}")
             continue
-        if "down" not in p or "up" not in p:
-            raise BadInput(f"{path.name}: {module.removeprefix('kohya:')} has no {'up' if 'down' in p else 'down'} "
-                           "matrix; the file is incomplete")  # fmt: skip
-        rank = p["down"].shape[0]
-        default = alphas.get(component, rank)
-        alpha = float(p["alpha"].reshape(-1)[0]) if "alpha" in p else default
-        modules.append(LoraModule(component, weight, p["up"], p["down"], alpha))
+        alpha = float(p.pop("alpha").reshape(-1)[0]) if "alpha" in p else alphas.get(component)
+        kind = next((k for k, (needed, optional) in KINDS.items() if set(p) and set(p) <= needed | optional
+                     and needed <= set(p)), None)  # fmt: skip
+        if kind == "lokr" and not ({"lokr_w1", "lokr_w1_a"} & set(p) and {"lokr_w2", "lokr_w2_a"} & set(p)):
+            kind = None
+        if kind is None:
+            raise BadInput(f"{path.name}: {module.removeprefix('kohya:')} has the parts {', '.join(sorted(p))}, "
+                           "which make no known update (LoRA, LoCon, LoHa, LoKr); the file is incomplete")  # fmt: skip
+        modules.append(LoraModule(component, weight, kind, p, alpha))
     if missing:
         raise BadInput(f"{path.name} changes weights this bundle does not have ({', '.join(missing[:3])}"
                        f"{' ...' if len(missing) > 3 else ''}): it was made for another model")  # fmt: skip

@@ -85,3 +85,55 @@ def build_lora(
                 tensors |= {f"{component}.{name}.lora_A.weight": down, f"{component}.{name}.lora_B.weight": up}
     save_file(tensors, str(path))
     return Path(path)
+
+
+def build_lycoris(path: Path, folder: Path, kind: Literal["loha", "lokr"], seed: int, rank: int = 2,
+                  alpha: float = 1.0, size: float = 1.0):  # fmt: skip
+    """A LyCORIS LoHa or LoKr for the UNet of `folder`, made by peft with random factors (times `size`) and saved
+    in kohya's names. Returns (path, the UNet with the adapter): peft's own forward is the reference picture."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
+    from safetensors.numpy import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    targets = [n for n, _ in _targets(unet, UNET_LINEAR + UNET_CONV)]
+    config = (LoHaConfig if kind == "loha" else LoKrConfig)(r=rank, alpha=alpha, target_modules=targets,
+                                                             init_weights=False)  # fmt: skip
+    torch.manual_seed(seed)
+    unet = inject_adapter_in_model(config, unet)
+    tensors: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if ".hada_" in name or ".lokr_" in name:
+                param.mul_(size)
+                module, _, part = name.removesuffix(".default").rpartition(".")
+                key = "lora_unet_" + module.replace(".", "_")
+                tensors[f"{key}.{part}"] = param.numpy().copy()
+                tensors[f"{key}.alpha"] = np.array(alpha, np.float32)
+    if kind == "lokr":  # A1111 reads alpha / rank only when a factor is a product: the fixture must have one
+        modules = {k.rpartition(".")[0] for k in tensors}
+        assert all(f"{m}.lokr_w1_b" in tensors or f"{m}.lokr_w2_b" in tensors for m in modules)
+    save_file(tensors, str(path))
+    return Path(path), unet
+
+
+def build_locon_mid(path: Path, folder: Path, seed: int, rank: int = 4, alpha: float = 2.0, size: float = 0.3):
+    """A LoCon for the UNet's 3x3 convolutions in LyCORIS's Tucker form: lora_down (rank, in, 1, 1), lora_mid
+    (rank, rank, 3, 3), lora_up (out, rank, 1, 1)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    tensors = {}
+    for name, module in _targets(unet, UNET_CONV):
+        out, inp, kh, kw = module.weight.shape
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors |= {
+            f"{key}.lora_down.weight": (rng.standard_normal((rank, inp, 1, 1)) * size).astype(np.float32),
+            f"{key}.lora_mid.weight": (rng.standard_normal((rank, rank, kh, kw)) * size).astype(np.float32),
+            f"{key}.lora_up.weight": (rng.standard_normal((out, rank, 1, 1)) * size).astype(np.float32),
+            f"{key}.alpha": np.array(alpha, np.float32),
+        }
+    save_file(tensors, str(path))
+    return Path(path)

@@ -234,3 +234,72 @@ def test_generate_and_bench_take_lora_flags(sd1_bundle, loras, tmp_path, capsys)
     report = json.loads(out.read_text())
     assert report["lora_switch_s"] > 0 and report["settings"]["loras"] == [[str(loras["peft"]), 0.5]]
     assert "LoRA switch" in capsys.readouterr().out
+
+
+def reference_with_unet(folder, unet):
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, unet=unet)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    with torch.no_grad():
+        return ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, latents=torch.from_numpy(latents()),
+                   guidance_scale=GUIDANCE, height=64, width=64, output_type="np").images[0]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_lycoris_loha_and_lokr_match_peft(pipe, sd1_folder, tmp_path, kind, scale):
+    """LyCORIS files in kohya's names against peft's LoHa / LoKr layers (not merged: their own forward)."""
+    from tests.builders.lora import build_lycoris
+
+    path, unet = build_lycoris(tmp_path / f"{kind}.safetensors", sd1_folder, kind, seed=4, size=3.0)
+    for module in unet.modules():
+        if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling:
+            module.scaling["default"] *= scale
+    got, want = ours(pipe, [(path, scale)]), reference_with_unet(sd1_folder, unet)
+    assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
+    assert np.abs(got - ours(pipe)).max() > 10 * TOL
+    assert np.abs(got - ours(pipe, [(path, scale / 2)])).max() > 3 * TOL
+
+
+def test_locon_with_a_tucker_core_matches_the_merged_model(pipe, sd1_folder, tmp_path):
+    """lora_mid: the update of a 3x3 convolution is up . mid . down (merged here in torch, the reference's way)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from tests.builders.lora import build_locon_mid
+
+    path = build_locon_mid(tmp_path / "locon.safetensors", sd1_folder, seed=6)
+    unet = UNet2DConditionModel.from_pretrained(sd1_folder / "unet")
+    parts = load_file(str(path))
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            key = "lora_unet_" + name.replace(".", "_")
+            if f"{key}.lora_mid.weight" in parts:
+                down, mid, up = (parts[f"{key}.lora_{p}.weight"] for p in ("down", "mid", "up"))
+                rank = down.shape[0]
+                # up(mid(down(x))) as one kernel: mid's first axis is its output (up's input)
+                kernel = torch.einsum("oa,abij,bc->ocij", up.flatten(1), mid, down.flatten(1))
+                module.weight += parts[f"{key}.alpha"] / rank * 0.7 * kernel
+    got, want = ours(pipe, [(path, 0.7)]), reference_with_unet(sd1_folder, unet)
+    assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
+    assert np.abs(got - ours(pipe)).max() > 10 * TOL
+
+
+def test_unsupported_lycoris_parts_are_named(pipe, sd1_folder, tmp_path):
+    from safetensors.numpy import save_file
+
+    key = "lora_unet_down_blocks_0_resnets_0_conv1"
+    for extra, words in (("hada_t1", ("hada_t1",)), ("dora_scale", ("dora_scale",))):
+        path = tmp_path / f"{extra}.safetensors"
+        save_file({f"{key}.hada_w1_a": np.ones((4, 2), np.float32), f"{key}.{extra}": np.ones((2, 2), np.float32)},
+                  str(path))  # fmt: skip
+        with pytest.raises(BadInput) as e:
+            ours(pipe, [(path, 1.0)])
+        _one_line(e, extra, *words)
+    path = tmp_path / "half.safetensors"
+    save_file({f"{key}.hada_w1_a": np.ones((4, 2), np.float32)}, str(path))
+    with pytest.raises(BadInput) as e:
+        ours(pipe, [(path, 1.0)])
+    _one_line(e, "hada_w1_a", "incomplete")
