@@ -43,6 +43,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         image_range=args.image_range,
         prompt_chunks=args.prompt_chunks,
+        loras=tuple((Path(f), scale) for f, scale in args.lora),
         **({"graph_cache": args.graph_cache} if args.graph_cache else {}),
     )
     export_bundle(args.source, args.output, upscaler=args.upscaler, opts=opts)
@@ -362,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="diffusers folder, hub id (online only) or single-file .safetensors")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to create")
     p.add_argument("--upscaler", type=Path, help="ESRGAN / Real-ESRGAN(-Compact) weights: .pth or .safetensors")
+    p.add_argument(
+        "--lora",
+        type=lora_arg,
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="merge a LoRA (.safetensors) into the weights at SCALE (default 1) before export; repeat for several",
+    )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch comparison")

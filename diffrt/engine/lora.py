@@ -97,23 +97,27 @@ class WeightMap:
     """A bundle's weight maps: weight name -> initializers, per component and precision, and a lookup from
     kohya's underscored module names."""
 
-    def __init__(self, bundle: Path, components: list[str]):
-        self.maps: dict[str, dict] = {}
-        for name in components:
-            path = Path(bundle) / weight_map(name)
-            if not path.is_file():
-                raise BadInput(f"{Path(bundle).name} was exported before LoRA support; re-export it to use LoRAs")
-            self.maps[name] = json.loads(path.read_text())
+    def __init__(self, maps: dict[str, dict]):
+        self.maps = maps  # component -> {precision: {weight: [initializers]}, "unused": {weight: shape}}
         self.underscored = {
             (component, w.removesuffix(".weight").replace(".", "_")): w
             for component, m in self.maps.items()
             for w in [*m["fp32"], *m.get("unused", {})]
         }
-
         unet = [w for (c, w) in self.underscored if c == "unet"]
         resnets = [int(m[1]) for w in unet if (m := re.match(r"down_blocks_0_resnets_(\d+)_", w))]
         self.layers = max(resnets, default=0) + 1  # resnets per down block: how SGM numbers its blocks
         self.attended = {int(m[1]) for w in unet if (m := re.match(r"up_blocks_(\d+)_attentions_", w))}
+
+    @classmethod
+    def of_bundle(cls, bundle: Path, components: list[str]) -> WeightMap:
+        maps = {}
+        for name in components:
+            path = Path(bundle) / weight_map(name)
+            if not path.is_file():
+                raise BadInput(f"{Path(bundle).name} was exported before LoRA support; re-export it to use LoRAs")
+            maps[name] = json.loads(path.read_text())
+        return cls(maps)
 
     def sgm(self, module: str) -> str | None:
         """The diffusers name (underscored) of a UNet module in the original (SGM) UNet's words, which kohya's

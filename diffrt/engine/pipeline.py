@@ -278,7 +278,7 @@ class Pipeline:
 
     def _weights(self) -> WeightMap:
         if self._weight_map is None:
-            self._weight_map = WeightMap(self.bundle, [c for c in LORA_COMPONENTS if c in self.sessions])
+            self._weight_map = WeightMap.of_bundle(self.bundle, [c for c in LORA_COMPONENTS if c in self.sessions])
         return self._weight_map
 
     def _lora_file(self, path: Path) -> tuple[list, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import logging
 import os
 import shutil
@@ -36,7 +37,7 @@ from diffrt.export.fp16 import convert_to_fp16
 from diffrt.export.onnx_export import TextEncoder, UNet, VAEDecoder, VAEEncoder, export_onnx, save_onnx
 from diffrt.export.tokenizer import export_tokenizer
 from diffrt.export.validate import HEADER, Check, validate_component
-from diffrt.export.weight_map import externalize, write_weight_map
+from diffrt.export.weight_map import bake_loras, externalize, write_weight_map
 from diffrt.specs import MAX_CLIP_SKIP, SDShapes, sd_specs, upscaler_spec
 
 log = logging.getLogger("diffrt.export")
@@ -54,6 +55,7 @@ class ExportOptions:
     image_range: tuple[int, int, int] | None = None  # (min, opt, max) image side; default from the checkpoint
     prompt_chunks: int = SDShapes.max_chunks  # longest prompt the UNet takes, in 75-token chunks
     defaults: dict | None = None  # generation defaults recorded in the manifest (see Manifest.defaults)
+    loras: tuple[tuple[Path, float], ...] = ()  # LoRAs merged into the weights before export (file, scale)
     # graphs exported before from the same weights are reused from here (diffrt.export.graph_cache)
     graph_cache: Path | None = field(default_factory=lambda: _env_path(graph_cache.ENV))
 
@@ -207,8 +209,14 @@ def export_bundle(
 
         with stage("load upscaler"):
             loaded_upscaler = load_upscaler(Path(upscaler))
+    for path, _ in opts.loras:  # before the checkpoint: a missing file should not wait for it
+        if not Path(path).is_file():
+            raise BadInput(f"LoRA {path} does not exist")
     with stage("load checkpoint"):
         ckpt = load_checkpoint(source, prediction_type=opts.prediction_type, tokenizer=opts.tokenizer)
+    if opts.loras:
+        with stage("merge LoRAs"):
+            _bake_loras(ckpt, opts.loras)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -223,6 +231,18 @@ def export_bundle(
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("bundle written to %s", out)
     return result
+
+
+def _bake_loras(ckpt: Checkpoint, loras: tuple[tuple[Path, float], ...]) -> None:
+    """Merge the LoRAs into the checkpoint's weights; the manifest's source then names them, and its hash (which
+    PNG metadata and plan keys read) is the checkpoint's and theirs together."""
+    models = {name: getattr(ckpt, name) for name in LORA_COMPONENTS if getattr(ckpt, name) is not None}
+    records = bake_loras(models, list(loras))
+    digest = hashlib.sha256(ckpt.source.get("sha256", "").encode())
+    for r in records:
+        digest.update(f"{r['hash']}:{r['scale']!r}".encode())
+    ckpt.source = {**ckpt.source, "base_sha256": ckpt.source.get("sha256"), "sha256": digest.hexdigest(),
+                   "loras": records}  # fmt: skip
 
 
 def _publish_permissions(folder: Path) -> None:

@@ -23,15 +23,37 @@ log = logging.getLogger(__name__)
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
 
 
-def lora_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Linear and Conv2d weights of the wrapped model, by their name in the diffusers / transformers model
-    (the wrapper's first attribute and transformers' `text_model.` prefix left out)."""
+def lora_weights(module: torch.nn.Module, wrapped: bool = True) -> dict[str, torch.Tensor]:
+    """Linear and Conv2d weights (sharing the parameters' memory) of the model, or of the model an export wrapper
+    holds as its first attribute, by their name in the diffusers / transformers model (transformers'
+    `text_model.` prefix left out)."""
     out = {}
     for name, sub in module.named_modules():
-        if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and "." in name:
-            key = name.split(".", 1)[1]
+        if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and (not wrapped or "." in name):
+            key = name.split(".", 1)[1] if wrapped else name
             out[key.removeprefix("text_model.") + ".weight"] = sub.weight.detach()
     return out
+
+
+def bake_loras(models: dict[str, torch.nn.Module], loras: list[tuple[Path, float]]) -> list[dict]:
+    """Merge LoRAs into the models (component name -> diffusers / transformers model) in place, with the
+    runtime's reader and arithmetic (diffrt.engine.lora), so a baked bundle draws what switching draws. Returns
+    what the manifest records of each: name, A1111's short hash, scale."""
+    from diffrt.engine.lora import SUFFIX, WeightMap, check_scale, lora_hash, read_lora
+
+    weights = {name: lora_weights(model, wrapped=False) for name, model in models.items()}
+    shapes = {name: {"fp32": {w: [{"shape": list(t.shape), "transposed": False}] for w, t in ws.items()}}
+              for name, ws in weights.items()}  # fmt: skip
+    wmap = WeightMap(shapes)
+    records = []
+    for path, scale in loras:
+        scale = check_scale(scale, Path(path).name)
+        for m in read_lora(Path(path), wmap):
+            target = weights[m.component][m.weight]
+            base = target.numpy().astype(np.float32)
+            target.copy_(torch.from_numpy(base + scale * m.delta(tuple(target.shape))))
+        records.append({"name": Path(path).name.removesuffix(SUFFIX), "hash": lora_hash(Path(path)), "scale": scale})
+    return records
 
 
 def externalize(path: Path) -> None:

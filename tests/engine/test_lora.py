@@ -303,3 +303,33 @@ def test_unsupported_lycoris_parts_are_named(pipe, sd1_folder, tmp_path):
     with pytest.raises(BadInput) as e:
         ours(pipe, [(path, 1.0)])
     _one_line(e, "hada_w1_a", "incomplete")
+
+
+def test_baked_in_at_export_equals_switching_at_run_time(sd1_folder, sd1_bundle, loras, tmp_path, capsys):
+    """`diffrt export --lora`: the LoRAs merged into the weights before export, recorded in the manifest."""
+    import json
+
+    from diffrt.cli import main
+    from diffrt.engine.lora import lora_hash
+
+    chosen = [(loras["kohya"], 0.8), (loras["peft"], 0.5)]
+    out = tmp_path / "baked.bundle"
+    flags = [a for f, s in chosen for a in ("--lora", f"{f}:{s}")]
+    assert main(["-q", "export", str(sd1_folder), "-o", str(out), *flags]) == 0
+    baked = Pipeline.load(out, backend="ort-cpu")
+    switched = ours(Pipeline.load(sd1_bundle, backend="ort-cpu"), chosen)
+    assert np.abs(ours(baked) - switched).max() <= TOL
+    assert np.abs(ours(baked) - ours(Pipeline.load(sd1_bundle, backend="ort-cpu"))).max() > 10 * TOL
+    source, base = (json.loads((b / "manifest.json").read_text())["source"] for b in (out, sd1_bundle))
+    assert source["loras"] == [{"name": f.name.removesuffix(".safetensors"), "hash": lora_hash(f), "scale": s}
+                               for f, s in chosen]  # fmt: skip
+    assert source["base_sha256"] == base["sha256"] != source["sha256"]
+
+    pickle = tmp_path / "style.pt"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    for bad, words in ((str(pickle), "safetensors"), (f"{loras['kohya']}:-2", "scale"),
+                       (str(tmp_path / "none.safetensors"), "does not exist")):  # fmt: skip
+        assert main(["-q", "export", str(sd1_folder), "-o", str(tmp_path / "bad.bundle"), "--lora", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("diffrt: error: ") and words in err, err
+        assert not (tmp_path / "bad.bundle").exists() and not list(tmp_path.glob(".bad.bundle*"))
