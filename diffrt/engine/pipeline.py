@@ -247,6 +247,9 @@ class Pipeline:
         """The files of a request's LoRAs, each read (once per version) so that one that does not fit this
         bundle is refused before the request waits or runs."""
         found = find_loras(loras, self.lora_dir, self.lora_paths)
+        refused = getattr(self.backend, "no_lora", None)  # a backend that cannot switch weights says why
+        if refused and any(scale for _, scale in found):
+            raise BadInput(refused, "loras")
         for path, _ in found:
             self._lora_file(path)
         return found

@@ -307,6 +307,9 @@ class TensorRTBackend:
     """FP16 strongly typed TensorRT plans built by `diffrt build`, on one CUDA stream."""
 
     name, precision = "tensorrt", "fp16"
+    # why requests with LoRAs are refused (the pipeline says it before the request runs)
+    no_lora = ("LoRAs switched at run time need ONNX Runtime for now (refitting TensorRT plans is not built yet); "
+               "use --backend ort-cuda or ort-cpu, or bake them in with diffrt export --lora")  # fmt: skip
 
     def __init__(self, manifest: Manifest):
         reason = available_reason()
@@ -321,10 +324,7 @@ class TensorRTBackend:
 
     def load(self, spec: ComponentSpec, path: Path, weights: dict | None = None) -> TensorRTSession:
         if weights:
-            raise BadInput(
-                "LoRAs switched at run time need ONNX Runtime for now (refitting TensorRT plans is not built yet); "
-                "use --backend ort-cuda or ort-cpu"
-            )
+            raise BadInput(self.no_lora)
         rel = self.manifest.components[spec.name].files.get("fp16")
         if rel is None:
             raise BadInput(f"{spec.name} has no FP16 graph, which TensorRT plans are built from; re-export the bundle")

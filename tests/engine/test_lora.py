@@ -5,6 +5,7 @@ text encoder, at two scales and two LoRAs at once; switching never drifts; bad f
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -333,3 +334,19 @@ def test_baked_in_at_export_equals_switching_at_run_time(sd1_folder, sd1_bundle,
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("diffrt: error: ") and words in err, err
         assert not (tmp_path / "bad.bundle").exists() and not list(tmp_path.glob(".bad.bundle*"))
+
+
+def test_a_backend_that_cannot_switch_weights_refuses_before_running(sd1_bundle, loras):
+    """TensorRT's plans are not refittable yet: its reason, given before the request runs (the TensorRT backend
+    itself needs a GPU; here ONNX Runtime CPU carries its refusal)."""
+    from diffrt.engine.backends import OrtCpuBackend
+    from diffrt.engine.trt import TensorRTBackend
+
+    class Refusing(OrtCpuBackend):
+        no_lora = TensorRTBackend.no_lora
+
+    pipe = Pipeline(sd1_bundle, Pipeline.load(sd1_bundle, backend="ort-cpu").manifest, Refusing())
+    with pytest.raises(BadInput) as e:
+        pipe.check_request(service_request(str(loras["kohya"])))
+    _one_line(e, "refitting TensorRT plans", "diffrt export --lora")
+    assert pipe.check_request(replace(service_request(str(loras["kohya"])), loras=[(loras["kohya"], 0.0)]))
