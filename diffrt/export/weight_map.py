@@ -58,7 +58,8 @@ def bake_loras(models: dict[str, torch.nn.Module], loras: list[tuple[Path, float
 
 def externalize(path: Path) -> None:
     """Save the graph at `path` with every initializer of 1 KB or more in `<name>.data` beside it."""
-    model = onnx.load(str(path))
+    model = onnx.load(str(path))  # with its external data, if it has some (graphs past 2 GB), in memory
+    path.with_name(path.name + ".data").unlink(missing_ok=True)  # onnx appends to a data file that exists
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)  # fmt: skip
 
