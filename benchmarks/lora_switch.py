@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import shutil
 import statistics
 import sys
 import tempfile
@@ -71,6 +72,7 @@ def main() -> None:
         label = "+".join(Path(f).stem for f, *_ in key) or "none"
         print(f"cached set {label}: {nbytes / 1e6:.0f} MB of merged weights")
     print(f"RSS: {base_rss:.0f} MB after load, {rss_mb():.0f} MB after the switches")
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ class LoraModule:
         if product.size != math.prod(shape):
             raise ValueError(f"update of shape {list(product.shape)} for a weight of shape {list(shape)}")
         factor = 1.0 if rank is None else (rank if self.alpha is None else self.alpha) / rank
-        return factor * product.reshape(shape)
+        product = product.reshape(shape)
+        product *= factor
+        return product
 
 
 class WeightMap:
@@ -281,21 +283,34 @@ def merged_weights(
     """component -> {initializer: merged weight} for the LoRA set (each LoRA's modules and scale), every update
     added to the base weights as the bundle holds them (FP32, or FP16 rounded once after the sum)."""
     deltas: dict[tuple[str, str], np.ndarray] = {}
-    for modules, scale in loras:
+    for modules, scale in loras:  # in place throughout: a UNet's worth of weights is gigabytes
         for m in modules:
-            d = scale * m.delta(wmap.shape(m.component, m.weight))
+            d = m.delta(wmap.shape(m.component, m.weight))
+            d *= scale
             key = (m.component, m.weight)
-            deltas[key] = deltas[key] + d if key in deltas else d
+            if key in deltas:
+                deltas[key] += d
+            else:
+                deltas[key] = d
     out: dict[str, dict[str, np.ndarray]] = {c: {} for c in LORA_COMPONENTS if c in wmap.maps}
-    for (component, weight), delta in deltas.items():
-        targets = wmap.targets(component, precision).get(weight)
-        if not targets:
-            raise BadInput(f"{Path(bundle).name}: the {precision} {component} graph has no {weight}; re-export it")
-        for t in targets:
-            base = np.memmap(Path(bundle) / "onnx" / t["file"], dtype=t["dtype"], mode="r", offset=t["offset"],
-                             shape=tuple(t["shape"]))  # fmt: skip
-            d = delta.T if t["transposed"] else delta
-            out[component][t["initializer"]] = (base.astype(np.float32) + d).astype(t["dtype"])
+    files: dict[str, object] = {}
+    try:
+        for (component, weight), delta in deltas.items():
+            targets = wmap.targets(component, precision).get(weight)
+            if not targets:
+                raise BadInput(f"{Path(bundle).name}: the {precision} {component} graph has no {weight}; re-export it")
+            for t in targets:  # read() of the base weights: faster than faulting in a memory map
+                if t["file"] not in files:
+                    files[t["file"]] = open(Path(bundle) / "onnx" / t["file"], "rb")  # noqa: SIM115
+                f = files[t["file"]]
+                f.seek(t["offset"])
+                base = np.fromfile(f, dtype=t["dtype"], count=math.prod(t["shape"])).reshape(t["shape"])
+                merged = base if t["dtype"] == "float32" else base.astype(np.float32)
+                merged += delta.T if t["transposed"] else delta
+                out[component][t["initializer"]] = merged if t["dtype"] == "float32" else merged.astype(t["dtype"])
+    finally:
+        for f in files.values():
+            f.close()
     return out
 
 
