@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffrt.engine.safetensors import read_safetensors
+from diffrt.engine.safetensors import load_pickle, read_safetensors
 from diffrt.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,9 @@ def _read(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
         return read_safetensors(path, MAX_FILE_BYTES)
     if not allow_pickle:
         raise BadInput("a pickle (.pt/.bin) runs code when read; convert it to .safetensors or allow pickles")
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise BadInput(f"{path.stat().st_size} bytes, more than the {MAX_FILE_BYTES} allowed")
-    try:
-        import torch
-    except ImportError:
-        raise BadInput("reading a pickle needs torch (pip install torch), or convert it to .safetensors") from None
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = load_pickle(path, MAX_FILE_BYTES)
+    import torch  # there: load_pickle needed it
+
     if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):  # A1111's .pt
         data = {"emb_params": next(iter(data["string_to_param"].values()))}
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

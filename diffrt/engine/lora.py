@@ -1,6 +1,7 @@
 """LoRAs merged into a bundle's graphs at run time, in NumPy, always from the base weights.
 
-Files are read with the bounded safetensors reader (never pickle). Layouts:
+Files are read with the bounded safetensors reader; pickles (.pt, ...) only when allowed, by torch's restricted
+unpickler. Layouts:
 - kohya / A1111: `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`, `lora_te2_`) with `.lora_down.weight`,
   `.lora_up.weight` and `.alpha`; module names are diffusers' with dots as underscores, or for the UNet the
   original (SGM) UNet's (`input_blocks_4_1_...`, as kohya's SDXL trainer writes them);
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from diffrt.bundle import LORA_COMPONENTS, weight_map
-from diffrt.engine.safetensors import read_safetensors, safetensors_metadata
+from diffrt.engine.safetensors import load_pickle, read_safetensors, safetensors_metadata
 from diffrt.errors import BadInput
 
 MAX_LORA_BYTES = 4 << 30  # SDXL LoRAs of rank 128 are about 900 MB
@@ -214,16 +215,33 @@ def _split(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def read_lora(path: Path, wmap: WeightMap) -> list[LoraModule]:
+def _read_pickle(path: Path) -> dict[str, np.ndarray]:
+    data = load_pickle(path, MAX_LORA_BYTES)
+    import torch  # there: load_pickle needed it
+
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise BadInput(f"{path.name}: not a LoRA (a dict of tensors)")
+    return {str(k): v.detach().float().numpy() for k, v in data.items()}
+
+
+def read_lora(path: Path, wmap: WeightMap, allow_pickle: bool = False) -> list[LoraModule]:
     """The updates of the LoRA file at `path`, resolved against the bundle's weights; BadInput naming the file
-    for a pickle, a corrupt file, keys of no known layout or of no weight here, or shapes of another model."""
+    for a pickle (unless `allow_pickle`: then torch's restricted unpickler reads it), a corrupt file, keys of no
+    known layout or of no weight here, or shapes of another model."""
     path = Path(path)
-    if path.suffix.lower() in PICKLES:
-        raise BadInput(f"{path.name}: LoRAs are read from .safetensors only (a {path.suffix} file is a pickle)")
+    pickled = path.suffix.lower() in PICKLES
+    if pickled and not allow_pickle:
+        raise BadInput(f"{path.name}: a {path.suffix} file is a pickle, which runs code when read; convert it to "
+                       ".safetensors, or allow pickles (--allow-pickle)")  # fmt: skip
     if not path.is_file():
         raise BadInput(f"LoRA {path} does not exist")
-    tensors = read_safetensors(path, MAX_LORA_BYTES)
-    alphas = _peft_alpha(safetensors_metadata(path, MAX_LORA_BYTES))
+    if pickled:
+        tensors, alphas = _read_pickle(path), {}
+    else:
+        tensors = read_safetensors(path, MAX_LORA_BYTES)
+        alphas = _peft_alpha(safetensors_metadata(path, MAX_LORA_BYTES))
     parts: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     unknown = []
     for key, array in tensors.items():
@@ -373,11 +391,13 @@ def find_loras(
 
 
 def lora_hash(path: Path) -> str:
-    """A1111's short hash of a LoRA (its "addnet" hash): sha256 of the tensor bytes after the header, 12 hex."""
+    """A1111's short hash of a LoRA: of a safetensors file its "addnet" hash (sha256 of the tensor bytes after
+    the header), of another the whole file's sha256; 12 hex digits."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + n)
+        if Path(path).suffix == SUFFIX:
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n)
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()[:12]

@@ -125,6 +125,7 @@ class Pipeline:
         self.lora_switch_s = 0.0  # seconds the last LoRA switch took (merge + new sessions)
         self.lora_dir: Path | None = None  # where requests' LoRA names are looked up (load(lora_dir=))
         self.lora_paths = True  # whether requests may name LoRA files by path
+        self.allow_pickle = False
         self._lora_files: dict[tuple, tuple] = {}  # (file, stamp) -> its updates and hash, the last LORA_FILES
         self._lora_read_lock = threading.Lock()
 
@@ -150,6 +151,7 @@ class Pipeline:
         pipe = cls(bundle, manifest, make_backend(backend, manifest, threads, bundle))
         pipe.lora_dir = None if lora_dir is None else Path(lora_dir)
         pipe.lora_paths = lora_paths
+        pipe.allow_pickle = allow_pickle  # also .pt LoRAs (and embeddings)
         if pipe.lora_dir is not None and not pipe.lora_dir.is_dir():
             raise BadInput(f"LoRA folder {lora_dir} does not exist")
         if embeddings is not None:
@@ -292,7 +294,8 @@ class Pipeline:
         key = (str(path.resolve()), _stamp(path))
         with self._lora_read_lock:
             if key not in self._lora_files:
-                self._lora_files[key] = (read_lora(path, self._weights()), lora_hash(path))
+                updates = read_lora(path, self._weights(), self.allow_pickle)
+                self._lora_files[key] = (updates, lora_hash(path))
                 while len(self._lora_files) > LORA_FILES:
                     self._lora_files.pop(next(iter(self._lora_files)))
             return self._lora_files[key]

@@ -76,3 +76,19 @@ def safetensors_metadata(path: Path, max_bytes: int) -> dict[str, str]:
     if not isinstance(meta, dict):
         return {}
     return {k: v for k, v in meta.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def load_pickle(path: Path, max_bytes: int):
+    """What a .pt / .bin / .ckpt file holds, by torch's restricted unpickler (tensors and plain containers only;
+    torch must be installed). Callers ask the user's explicit permission first: a pickle is code."""
+    size = Path(path).stat().st_size
+    if size > max_bytes:
+        raise BadInput(f"{Path(path).name} is {size} bytes, more than the {max_bytes} allowed here")
+    try:
+        import torch
+    except ImportError:
+        raise BadInput("reading a pickle needs torch (pip install torch), or convert it to .safetensors") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise BadInput(f"{Path(path).name}: not a readable torch file ({str(e).splitlines()[0][:120]})") from None

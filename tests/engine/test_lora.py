@@ -83,9 +83,9 @@ def test_lora_matches_diffusers(pipe, loras, sd1_folder, case):
 
 @pytest.mark.parametrize(
     "family, case",
-    [("sd2", [("kohya", 1.0)]), ("sd2", [("peft", 0.5)]), ("sdxl", [("kohya-sgm", 1.0)]), ("sdxl", [("peft", 0.5)]),
-     ("sdxl", [("kohya", 0.6), ("peft", 0.8)])],
-    ids=["sd2-kohya-1", "sd2-peft-0.5", "sdxl-kohya-sgm-1", "sdxl-peft-0.5", "sdxl-both"],
+    [("sd2", [("kohya", 1.0)]), ("sd2", [("peft", 0.5)]), ("sd2", [("kohya", 0.5), ("peft", 1.0)]),
+     ("sdxl", [("kohya-sgm", 1.0)]), ("sdxl", [("peft", 0.5)]), ("sdxl", [("kohya", 0.6), ("peft", 0.8)])],
+    ids=["sd2-kohya-1", "sd2-peft-0.5", "sd2-both", "sdxl-kohya-sgm-1", "sdxl-peft-0.5", "sdxl-both"],
 )  # fmt: skip
 def test_sd2_and_sdxl_loras_match_diffusers(family, case, request, tmp_path):
     """SD2 (v-prediction) and SDXL: both text encoders (kohya's lora_te1_/lora_te2_) and kohya's SDXL UNet names."""
@@ -120,6 +120,18 @@ def test_a_lora_written_again_is_read_again(pipe, loras, sd1_folder, tmp_path):
     first = ours(pipe, [(path, 1.0)])
     build_lora(path, sd1_folder, "kohya", seed=9)
     assert np.abs(ours(pipe, [(path, 1.0)]) - first).max() > 10 * TOL
+
+
+def test_a_pickled_lora_is_read_only_when_allowed(sd1_bundle, loras, tmp_path):
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "style.pt"
+    torch.save(load_file(str(loras["kohya"])), pickled)
+    with pytest.raises(BadInput) as e:
+        ours(Pipeline.load(sd1_bundle, backend="ort-cpu"), [(pickled, 0.8)])
+    _one_line(e, "style.pt", "pickle", "--allow-pickle")
+    allowed = Pipeline.load(sd1_bundle, backend="ort-cpu", allow_pickle=True)
+    np.testing.assert_array_equal(ours(allowed, [(pickled, 0.8)]), ours(allowed, [(loras["kohya"], 0.8)]))
 
 
 def test_scale_zero_is_the_base_model(pipe, loras):
