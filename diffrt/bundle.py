@@ -207,14 +207,15 @@ def load_manifest(bundle: Path | str) -> Manifest:
         )
     if version == 1:
         d = upgrade_v1(d)
-    try:
+    try:  # any field of the wrong type or shape, anywhere, is a malformed manifest
         manifest = Manifest.from_dict(d)
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadInput(f"{path} is malformed ({type(e).__name__}: {e}); re-export the bundle") from None
-    for name, entry in manifest.components.items():
-        for precision, rel in entry.files.items():
-            if not (bundle / rel).is_file():
-                raise BadInput(f"{bundle}: {name} {precision} graph {rel} is missing; re-export the bundle")
+        for name, entry in manifest.components.items():
+            for precision, rel in entry.files.items():
+                if not (bundle / rel).is_file():
+                    raise BadInput(f"{bundle}: {name} {precision} graph {rel} is missing; re-export the bundle")
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        why = " ".join(str(e).split())[:120]  # one line, whatever the file held
+        raise BadInput(f"{path} is malformed ({type(e).__name__}: {why}); re-export the bundle") from None
     if manifest.tokenizer is None and manifest.tokenizer_2 is None:
         raise BadInput(f"{path} names no tokenizer; re-export the bundle")
     for rel, needed in ((TOKENIZER, manifest.tokenizer is not None), (TOKENIZER_2, manifest.tokenizer_2 is not None)):

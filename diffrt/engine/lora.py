@@ -265,6 +265,10 @@ def read_lora(path: Path, wmap: WeightMap, allow_pickle: bool = False) -> list[L
         if weight is None:
             missing.append(f"{component}:{module.removeprefix('kohya:')}")
             continue
+        bad = [k for k, a in p.items() if (a.size != 1 if k == "alpha" else a.ndim < 2 or not a.size)]
+        if bad:
+            raise BadInput(f"{path.name}: {module.removeprefix('kohya:')}.{bad[0]} has shape {list(p[bad[0]].shape)}, "
+                           "which no LoRA has; the file is corrupt")  # fmt: skip
         alpha = float(p.pop("alpha").reshape(-1)[0]) if "alpha" in p else alphas.get(component)
         kind = next((k for k, (needed, optional) in KINDS.items() if set(p) and set(p) <= needed | optional
                      and needed <= set(p)), None)  # fmt: skip
@@ -362,6 +366,8 @@ def find_lora(entry: str | Path, folder: Path | None, paths: bool = True) -> Pat
     """The file of one LoRA of a request: a name (with or without .safetensors) of a file in `folder` or its
     subfolders; otherwise, when `paths` allows it, `entry` as a path. A service passes paths=False: a name a
     client sends (a string) is looked up in the folder only, never opened as a path."""
+    if "\x00" in str(entry):  # no file has such a name; the OS would not take it
+        raise BadInput(f"LoRA name {str(entry)!r} holds a NUL character", "loras")
     inside = folder is not None and Path(entry).resolve().is_relative_to(Path(folder).resolve())
     if isinstance(entry, Path) and (paths or inside):
         return entry  # a path given in Python, or a file found in the folder before
