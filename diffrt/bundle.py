@@ -213,7 +213,7 @@ def load_manifest(bundle: Path | str) -> Manifest:
             for precision, rel in entry.files.items():
                 if not (bundle / rel).is_file():
                     raise BadInput(f"{bundle}: {name} {precision} graph {rel} is missing; re-export the bundle")
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
         why = " ".join(str(e).split())[:120]  # one line, whatever the file held
         raise BadInput(f"{path} is malformed ({type(e).__name__}: {why}); re-export the bundle") from None
     if manifest.tokenizer is None and manifest.tokenizer_2 is None:

@@ -280,10 +280,15 @@ def test_a_mutated_manifest_loads_or_is_refused(tmp_path_factory, manifest_text,
     refused_in_one_line(load_manifest, bundle)
 
 
-@pytest.mark.parametrize("path", [("components",), ("components", "unet", "files", "fp32"), ("model",),
-                                  ("components", "unet", "spec", "dims", 0, 1)])  # fmt: skip
-def test_manifest_fields_of_the_wrong_type_are_refused(tmp_path, sd1_bundle, manifest_text, path):
-    """Found by the test above: null components, a null graph path, were a TypeError and an AttributeError."""
+@pytest.mark.parametrize(
+    "path, value",
+    [(("components",), None), (("components", "unet", "files", "fp32"), None), (("model",), {"\n": 1}),
+     (("components", "unet", "spec", "dims", 0, 1), None),
+     (("components", "vae_encoder", "spec", "derived", 0), ["height", "latent_height", float("inf")])],
+)  # fmt: skip
+def test_manifest_fields_of_the_wrong_type_are_refused(tmp_path, sd1_bundle, manifest_text, path, value):
+    """Found by the test above: null components, a null graph path, an infinite size factor were a TypeError, an
+    AttributeError and an OverflowError."""
     from diffrt.bundle import load_manifest
 
     for item in Path(sd1_bundle).iterdir():  # the bundle's files, but this manifest
@@ -293,7 +298,7 @@ def test_manifest_fields_of_the_wrong_type_are_refused(tmp_path, sd1_bundle, man
     parent = d
     for k in path[:-1]:
         parent = parent[k]
-    parent[path[-1]] = {"\n": 1} if path == ("model",) else None
+    parent[path[-1]] = value
     (tmp_path / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(BadInput) as e:
         load_manifest(tmp_path)
@@ -329,3 +334,64 @@ def test_ncnn_reader_reads_or_refuses(tmp_path, param, blob):
     (tmp_path / "m.param").write_text(param)
     (tmp_path / "m.bin").write_bytes(blob)
     refused_in_one_line(read_ncnn, tmp_path / "m.param", tmp_path / "m.bin")
+
+
+# --- requests ---------------------------------------------------------------------------------------------------
+
+ODD = st.one_of(st.none(), st.booleans(), st.integers(-(2**65), 2**65), st.floats(), st.text(max_size=6),
+                st.lists(st.integers(-3, 3), max_size=3))  # fmt: skip
+
+
+def field_value(*good):
+    return st.sampled_from(good) | ODD
+
+
+@pytest.fixture(scope="module")
+def sd1_manifest(sd1_bundle):
+    from diffrt.bundle import load_manifest
+
+    return load_manifest(sd1_bundle)
+
+
+@FUZZ
+@given(
+    fields=st.fixed_dictionaries(
+        {},
+        optional={
+            "prompt": st.text(max_size=30) | st.lists(st.text(max_size=8), max_size=3) | ODD,
+            "negative_prompt": field_value("blurry"),
+            "prompt_syntax": field_value("a1111", "plain"),
+            "clip_skip": field_value(1, 2, 12),
+            "num_inference_steps": field_value(1, 3, 1000),
+            "guidance_scale": field_value(0.0, 7.5),
+            "scheduler": field_value("euler", "DPM++ 2M Karras", "lcm", "ddim"),
+            "height": field_value(32, 64, 72, 4096),
+            "width": field_value(32, 64),
+            "num_images": field_value(1, 2, 9),
+            "seed": field_value(0, 2**63, [1, 2]),
+            "output_type": field_value("np", "pil"),
+            "strength": field_value(0.5, 1.0),
+            "mask_blur": field_value(0, 4),
+            "refiner_at": field_value(0.8),
+            "loras": st.lists(st.tuples(st.text(max_size=6), ODD), max_size=2) | ODD,
+            "original_size": field_value((64, 64)),
+            "crops_coords_top_left": field_value((0, 0)),
+            "hires_scale": field_value(1.5, 2.0, 9.0),
+            "image": st.none() | st.binary(max_size=64),
+        },
+    ),  # fmt: skip
+)
+def test_request_validation_resolves_or_refuses(sd1_manifest, fields):
+    from diffrt.engine.hires import HiresOptions
+    from diffrt.engine.request import Request
+
+    if "hires_scale" in fields:
+        fields["hires"] = HiresOptions(scale=fields.pop("hires_scale"))
+    prompt = fields.pop("prompt", "a fox")
+    try:
+        request = Request(prompt, **fields)
+    except TypeError:
+        return  # not a keyword Request takes
+    resolved = refused_in_one_line(request.resolve, sd1_manifest)
+    if resolved is not None:
+        assert resolved.resolved and len(resolved.prompts) == resolved.num_images == len(resolved.seeds)

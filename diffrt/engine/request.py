@@ -219,9 +219,11 @@ class Request:
         for name in ("original_size", "target_size", "crops_coords_top_left"):
             value = getattr(self, name)
             if value is not None:
-                if len(tuple(value)) != 2 or not all(isinstance(v, int | np.integer) and v >= 0 for v in value):
-                    raise BadInput(f"{name} must be a pair of non-negative integers, got {value!r}", name)
-                value = tuple(int(v) for v in value)
+                pair = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else ()
+                ints = all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 0 for v in pair)
+                if len(pair) != 2 or not ints:
+                    raise BadInput(f"{name} must be a pair of non-negative integers, got {value!r}"[:200], name)
+                value = tuple(int(v) for v in pair)
             sizes[name] = value
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             if not isinstance(getattr(self, name), int | float) or not math.isfinite(getattr(self, name)):
