@@ -73,6 +73,7 @@ def safetensors_bytes(header: dict | bytes, body: bytes, length: int | None = No
     body=st.binary(max_size=512),
     length=st.none() | st.integers(0, 2**64 - 1),
 )
+@example(header={"": "\n"}, body=b"", length=None)  # found by this test: the entry's newline was in the message
 def test_safetensors_reader_reads_or_refuses(tmp_path, header, body, length):
     from diffrt.engine.safetensors import read_safetensors, safetensors_metadata
 

@@ -49,7 +49,7 @@ def read_safetensors(path: Path, max_bytes: int) -> dict[str, np.ndarray]:
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise BadInput(f"{path.name}: tensor {name!r} has a malformed entry {str(info)[:80]}")
+            raise BadInput(f"{path.name}: tensor {name!r} has a malformed entry {str(info)[:80]!r}")
         count = int(np.prod(shape, dtype=np.int64))
         if count * np.dtype(dtype).itemsize != end - begin:
             raise BadInput(f"{path.name}: tensor {name!r} of shape {list(shape)} does not fill its bytes")
