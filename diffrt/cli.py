@@ -128,17 +128,13 @@ def lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def add_lora_flag(p: argparse.ArgumentParser, meaning: str) -> None:
+    p.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:SCALE]", help=meaning)
+
+
 def add_lora_flags(p: argparse.ArgumentParser, files: bool = True) -> None:
     if files:
-        p.add_argument(
-            "--lora",
-            type=lora_arg,
-            action="append",
-            default=[],
-            metavar="FILE[:SCALE]",
-            help="merge a LoRA (.safetensors) at SCALE (default 1); repeat for several; a name is looked up in "
-            "--lora-dir",
-        )
+        add_lora_flag(p, "merge a LoRA at SCALE (default 1); repeat for several; a name is looked up in --lora-dir")
     p.add_argument(
         "--lora-dir",
         type=Path,
@@ -363,14 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="diffusers folder, hub id (online only) or single-file .safetensors")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to create")
     p.add_argument("--upscaler", type=Path, help="ESRGAN / Real-ESRGAN(-Compact) weights: .pth or .safetensors")
-    p.add_argument(
-        "--lora",
-        type=lora_arg,
-        action="append",
-        default=[],
-        metavar="FILE[:SCALE]",
-        help="merge a LoRA (.safetensors) into the weights at SCALE (default 1) before export; repeat for several",
-    )
+    add_lora_flag(p, "merge a LoRA (.safetensors) into the weights at SCALE (default 1) before export; repeatable")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch comparison")
