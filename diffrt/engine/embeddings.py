@@ -60,14 +60,7 @@ def _read(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
         return read_safetensors(path, MAX_FILE_BYTES)
     if not allow_pickle:
         raise BadInput("a pickle (.pt/.bin) runs code when read; convert it to .safetensors or allow pickles")
-    data = load_pickle(path, MAX_FILE_BYTES)
-    import torch  # there: load_pickle needed it
-
-    if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):  # A1111's .pt
-        data = {"emb_params": next(iter(data["string_to_param"].values()))}
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise BadInput("not an embedding (a dict of tensors)")
-    return {k: v.detach().float().numpy() for k, v in data.items()}
+    return load_pickle(path, MAX_FILE_BYTES, "an embedding")
 
 
 def _vectors(tensors: dict[str, np.ndarray], widths: list[int]) -> tuple[np.ndarray, ...]:

@@ -215,17 +215,6 @@ def _split(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def _read_pickle(path: Path) -> dict[str, np.ndarray]:
-    data = load_pickle(path, MAX_LORA_BYTES)
-    import torch  # there: load_pickle needed it
-
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise BadInput(f"{path.name}: not a LoRA (a dict of tensors)")
-    return {str(k): v.detach().float().numpy() for k, v in data.items()}
-
-
 def read_lora(path: Path, wmap: WeightMap, allow_pickle: bool = False) -> list[LoraModule]:
     """The updates of the LoRA file at `path`, resolved against the bundle's weights; BadInput naming the file
     for a pickle (unless `allow_pickle`: then torch's restricted unpickler reads it), a corrupt file, keys of no
@@ -238,7 +227,7 @@ def read_lora(path: Path, wmap: WeightMap, allow_pickle: bool = False) -> list[L
     if not path.is_file():
         raise BadInput(f"LoRA {path} does not exist")
     if pickled:
-        tensors, alphas = _read_pickle(path), {}
+        tensors, alphas = load_pickle(path, MAX_LORA_BYTES, "a LoRA"), {}
     else:
         tensors = read_safetensors(path, MAX_LORA_BYTES)
         alphas = _peft_alpha(safetensors_metadata(path, MAX_LORA_BYTES))
