@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of the parsers and validators that read outside bytes: the safetensors
 reader (LoRAs, embeddings, upscalers), the LoRA reader and name lookup, A1111 prompt parsing and LoRA tags,
-image decoding, bundle manifests and the ncnn importer. The property is the same everywhere: the input is either
-read, or refused with a one-line BadInput; nothing else escapes, and nothing hangs.
+image decoding, bundle manifests, the ncnn importer and the torch-file reader. The property is the same
+everywhere: the input is either read, or refused with a one-line BadInput; nothing else escapes, nothing hangs.
 
 CI runs FUZZ_EXAMPLES cases per target (default 150); a longer run:
     DIFFRT_FUZZ_EXAMPLES=20000 .venv/bin/pytest -q tests/test_fuzz.py -p no:randomly
@@ -396,3 +396,27 @@ def test_request_validation_resolves_or_refuses(sd1_manifest, fields):
     resolved = refused_in_one_line(request.resolve, sd1_manifest)
     if resolved is not None:
         assert resolved.resolved and len(resolved.prompts) == resolved.num_images == len(resolved.seeds)
+
+
+# --- torch-saved files (allow_pickle) ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def torch_file_bytes() -> bytes:
+    torch = pytest.importorskip("torch")
+    buf = io.BytesIO()
+    torch.save({"a": torch.randn(3, 4), "b": torch.arange(6).half()[1:], "n": "x"}, buf)
+    return buf.getvalue()
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_damaged_torch_file_reads_or_is_refused(tmp_path, torch_file_bytes, data):
+    from diffrt.engine.torchfile import read_torch_file
+
+    raw = bytearray(torch_file_bytes)
+    for _ in range(data.draw(st.integers(1, 8))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    path = tmp_path / "x.pt"
+    path.write_bytes(bytes(raw[: data.draw(st.integers(0, len(raw)))]))
+    refused_in_one_line(read_torch_file, path, 1 << 20)

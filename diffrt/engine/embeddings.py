@@ -5,8 +5,9 @@ looked up in NumPy), so an embedding's vectors are extra rows after the table.
 Layouts: A1111's `.safetensors` (`emb_params`, (n, D)), SDXL's (`clip_l` (n, 768) and `clip_g` (n, 1280)), and
 diffusers' `learned_embeds.safetensors` (one tensor named after its token, (D,) or (n, D)). The file's stem is
 the name a prompt uses, as in A1111. `.pt` / `.bin` files are pickles: refused unless `allow_pickle`, then read
-with torch's restricted unpickler (torch must be installed). Files that do not fit the bundle's text encoders
-are skipped with a warning, never an error: a folder shared between SD 1.5 and SDXL models is the usual case.
+by diffrt's tensor-only unpickler (diffrt.engine.torchfile: no torch, no code run). Files that do not fit the
+bundle's text encoders are skipped with a warning, never an error: a folder shared between SD 1.5 and SDXL
+models is the usual case.
 """
 
 from __future__ import annotations

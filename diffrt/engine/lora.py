@@ -1,7 +1,7 @@
 """LoRAs merged into a bundle's graphs at run time, in NumPy, always from the base weights.
 
-Files are read with the bounded safetensors reader; pickles (.pt, ...) only when allowed, by torch's restricted
-unpickler. Layouts:
+Files are read with the bounded safetensors reader; pickles (.pt, ...) only when allowed, by diffrt's
+tensor-only unpickler. Layouts:
 - kohya / A1111: `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`, `lora_te2_`) with `.lora_down.weight`,
   `.lora_up.weight` and `.alpha`; module names are diffusers' with dots as underscores, or for the UNet the
   original (SGM) UNet's (`input_blocks_4_1_...`, as kohya's SDXL trainer writes them);
@@ -217,7 +217,7 @@ def _split(key: str) -> tuple[str, str, str] | None:
 
 def read_lora(path: Path, wmap: WeightMap, allow_pickle: bool = False) -> list[LoraModule]:
     """The updates of the LoRA file at `path`, resolved against the bundle's weights; BadInput naming the file
-    for a pickle (unless `allow_pickle`: then torch's restricted unpickler reads it), a corrupt file, keys of no
+    for a pickle (unless `allow_pickle`: then diffrt's tensor-only unpickler reads it), a corrupt file, keys of no
     known layout or of no weight here, or shapes of another model."""
     path = Path(path)
     pickled = path.suffix.lower() in PICKLES

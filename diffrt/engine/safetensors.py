@@ -79,25 +79,17 @@ def safetensors_metadata(path: Path, max_bytes: int) -> dict[str, str]:
 
 
 def load_pickle(path: Path, max_bytes: int, what: str) -> dict[str, np.ndarray]:
-    """The tensors of a .pt / .bin / .ckpt file as float32 arrays, by torch's restricted unpickler (tensors and
-    plain containers only; torch must be installed, and is imported here only). A dict of tensors, or one under
-    "state_dict" (trainers) or "string_to_param" (A1111's embeddings, as "emb_params"); BadInput naming `what`
-    the file should have been otherwise. Callers ask the user's explicit permission first: a pickle is code."""
-    size = Path(path).stat().st_size
-    if size > max_bytes:
-        raise BadInput(f"{Path(path).name} is {size} bytes, more than the {max_bytes} allowed here")
-    try:
-        import torch
-    except ImportError:
-        raise BadInput("reading a pickle needs torch (pip install torch), or convert it to .safetensors") from None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise BadInput(f"{Path(path).name}: not a readable torch file ({str(e).splitlines()[0][:120]})") from None
+    """The tensors of a torch-saved file (.pt / .bin / .ckpt) as float32 arrays, read without torch and without
+    running its code (diffrt.engine.torchfile). A dict of tensors, or one under "state_dict" (trainers) or
+    "string_to_param" (A1111's embeddings, as "emb_params"); BadInput naming `what` the file should have been
+    otherwise. Callers ask the user's explicit permission first: a pickle is code."""
+    from diffrt.engine.torchfile import read_torch_file
+
+    data = read_torch_file(path, max_bytes)
     if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict) and data["string_to_param"]:
         data = {"emb_params": next(iter(data["string_to_param"].values()))}
     elif isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+    if not isinstance(data, dict) or not data or not all(isinstance(v, np.ndarray) for v in data.values()):
         raise BadInput(f"{Path(path).name}: not {what} (a dict of tensors)")
-    return {str(k): v.detach().float().numpy() for k, v in data.items()}
+    return {str(k): v for k, v in data.items()}
